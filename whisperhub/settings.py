@@ -177,6 +177,9 @@ SPECTACULAR_SETTINGS = {
 WHISPERHUB_DEVICES = env_str("WHISPERHUB_DEVICES", "auto")
 WHISPERHUB_CPU_MEMORY_MB = env_int("WHISPERHUB_CPU_MEMORY_MB", 0, minimum=0)  # 0: half the RAM
 WHISPERHUB_NODE_NAME = env_str("WHISPERHUB_NODE_NAME", "") or os.uname().nodename
+# Each node's qcluster consumes its own queue; the dispatcher routes a job's task to the queue
+# of the node that holds the job's reservation (Node.cluster_name).
+WHISPERHUB_CLUSTER_NAME = "whisperhub-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in WHISPERHUB_NODE_NAME)
 WHISPERHUB_DEFAULT_SAFETY_FACTOR = env_float("WHISPERHUB_SAFETY_FACTOR", 0.8, minimum=0.01, maximum=1.0)
 WHISPERHUB_AGENT_INTERVAL = env_float("WHISPERHUB_AGENT_INTERVAL", 3.0, minimum=0.1)
 WHISPERHUB_NODE_OFFLINE_AFTER = env_float("WHISPERHUB_NODE_OFFLINE_AFTER", 30.0, minimum=1.0)
@@ -188,6 +191,7 @@ WHISPERHUB_WORKERS = env_int("WHISPERHUB_WORKERS", 2, minimum=1)
 WHISPERHUB_TASK_TIMEOUT = env_int("WHISPERHUB_TASK_TIMEOUT", 3600, minimum=10)
 Q_CLUSTER = {
     "name": "whisperhub",
+    "cluster_name": WHISPERHUB_CLUSTER_NAME,
     "orm": "default",
     "workers": WHISPERHUB_WORKERS,
     "recycle": 50,
