@@ -8,6 +8,7 @@ migrates, creates the first administrator, and supervises the three processes,
 restarting one that dies. Ctrl-C stops them all.
 """
 
+import ctypes
 import fcntl
 import os
 import signal
@@ -54,6 +55,16 @@ def manage(*args: str, env: dict) -> None:
         fail(f"'manage.py {' '.join(args)}' failed (exit {result.returncode})")
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the child when the supervisor dies, even by SIGKILL.
+
+    Without it a killed `make run` leaves a web server holding the port and workers
+    holding jobs, and the next start cannot bind.
+    """
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Supervised:
     def __init__(self, name: str, argv: list[str], env: dict):
         self.name, self.argv, self.env = name, argv, env
@@ -63,7 +74,9 @@ class Supervised:
     def start(self) -> None:
         # A session of its own: the terminal's Ctrl-C reaches only the supervisor,
         # which then stops the children in order.
-        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, cwd=ROOT, start_new_session=True, preexec_fn=_die_with_parent
+        )
 
     def check(self) -> None:
         if self.proc is None or self.proc.poll() is None:
