@@ -137,6 +137,14 @@ class Job(models.Model):
 
     state = models.CharField(max_length=12, choices=State.choices, default=State.PENDING, db_index=True)
     attempt = models.PositiveIntegerField(default=0, help_text="Dispatches so far; the fencing token of the running task.")
+    # Counted apart from `attempt`, which never goes down (it fences stale tasks): a manual retry
+    # resets these budgets without reusing an attempt number.
+    failures = models.PositiveIntegerField(
+        default=0, help_text="Failed attempts since submission or the last manual retry; over max_retries the job fails."
+    )
+    oom_retries = models.PositiveIntegerField(
+        "out-of-memory retries", default=0, help_text="Re-queues after running out of device memory (a separate, small budget)."
+    )
     memory_mb = models.PositiveIntegerField("reservation (MiB)", default=0, help_text="Memory the job reserves when placed.")
     device = models.ForeignKey("gpus.Device", on_delete=models.SET_NULL, null=True, blank=True, related_name="jobs")
     progress = models.FloatField(default=0.0, help_text="Overall progress, 0 to 1.")
