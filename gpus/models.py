@@ -120,3 +120,92 @@ class Allocation(models.Model):
     @property
     def active(self) -> bool:
         return self.released_at is None
+
+
+class AlertMetric(models.TextChoices):
+    # Readers live in gpus/alerts.py under the same values; ratios are 0..1.
+    MEMORY_USAGE = "memory_usage", "Memory usage of the pool (allocated ÷ allocatable, 0–1)"
+    DEVICE_MEMORY_USAGE = "device_memory_usage", "Memory usage of the fullest device (0–1)"
+    QUEUE_LENGTH = "queue_length", "Queue length (pending jobs)"
+    ERROR_RATE = "error_rate", "Error rate (failed ÷ finished jobs, last 15 min, 0–1)"
+    RETRY_RATE = "retry_rate", "Retry rate (retried ÷ placed attempts, last 15 min, 0–1)"
+    NODES_OFFLINE = "nodes_offline", "Nodes offline"
+    TEMPERATURE = "temperature", "Hottest device temperature (°C)"
+
+
+class AlertComparison(models.TextChoices):
+    GT = "gt", "above"
+    GE = "ge", "at or above"
+    LT = "lt", "below"
+    LE = "le", "at or below"
+
+
+class AlertRule(models.Model):
+    """A condition on one metric that must hold for duration_s before it fires (gpus/alerts.py evaluates)."""
+
+    Metric = AlertMetric
+    Comparison = AlertComparison
+
+    name = models.CharField(max_length=100, unique=True)
+    metric = models.CharField(max_length=30, choices=Metric.choices)
+    comparison = models.CharField(max_length=2, choices=Comparison.choices, default=Comparison.GT)
+    threshold = models.FloatField()
+    duration_s = models.IntegerField(
+        "duration (s)", default=300, help_text="The condition must hold this long, without a break, before the alert fires."
+    )
+    enabled = models.BooleanField(default=True)
+    email_recipients = models.TextField(
+        blank=True, help_text="Comma-separated addresses; empty: the e-mail addresses of active staff users."
+    )
+    webhook_url = models.URLField(blank=True, help_text="Receives a JSON POST when the alert fires and when it resolves.")
+    # Evaluator state: when the condition was first seen holding in the current stretch.
+    pending_since = models.DateTimeField(null=True, blank=True, editable=False)
+    last_value = models.FloatField(null=True, blank=True, editable=False)
+    last_evaluated_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(duration_s__gte=0), name="alertrule_duration_nonnegative"),
+            models.CheckConstraint(
+                condition=Q(metric__in=AlertMetric.values) & Q(comparison__in=AlertComparison.values),
+                name="alertrule_metric_comparison_valid",
+            ),
+        ]
+
+    def __str__(self):
+        return self.name
+
+    def clean(self):
+        from gpus.alerts import alert_rule_check
+
+        alert_rule_check(self)
+
+
+class Alert(models.Model):
+    """One firing of a rule, kept after it resolves."""
+
+    class State(models.TextChoices):
+        FIRING = "firing"
+        RESOLVED = "resolved"
+
+    rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="alerts")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.FIRING)
+    value = models.FloatField(help_text="The metric's value when the alert fired.")
+    resolved_value = models.FloatField(null=True, blank=True)
+    message = models.TextField(blank=True)
+    started_at = models.DateTimeField(help_text="When the condition began to hold.")
+    fired_at = models.DateTimeField()
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    notifications = models.JSONField(
+        default=list, blank=True, help_text="One entry per notification sent or tried: channel, event, outcome, attempts."
+    )
+
+    class Meta:
+        ordering = ["-fired_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["rule"], condition=Q(state="firing"), name="alert_one_firing_per_rule"),
+        ]
+
+    def __str__(self):
+        return f"{self.rule.name} ({self.state})"
