@@ -209,3 +209,22 @@ class Alert(models.Model):
 
     def __str__(self):
         return f"{self.rule.name} ({self.state})"
+
+
+class MetricSample(models.Model):
+    """Pool figures recorded at each alert evaluation: the history behind the dashboard's charts.
+
+    Queue length and memory use at a past moment cannot be rebuilt from job rows (retries
+    reset queued_at), so the evaluator writes them down; rows older than a day are pruned.
+    """
+
+    at = models.DateTimeField(db_index=True)
+    queue_length = models.PositiveIntegerField()
+    running = models.PositiveIntegerField()
+    memory_usage = models.FloatField(help_text="Pool allocated ÷ allocatable, 0–1.")
+
+    class Meta:
+        ordering = ["at"]
+
+    def __str__(self):
+        return f"{self.at:%H:%M:%S} queue {self.queue_length}"
