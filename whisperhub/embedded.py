@@ -57,7 +57,12 @@ def postgres_url(var_dir: Path) -> str:
 
     pgdata = var_dir / "pgdata"
     pgdata.mkdir(parents=True, exist_ok=True)
-    _prune_dead_handles(pgdata)
+    # Under pgserver's own inter-process lock: its register/deregister rewrite the same file,
+    # and an unlocked rewrite here raced them (16 processes starting at once left it empty).
+    from pgserver.postgres_server import PostgresServer
+
+    with PostgresServer._lock:
+        _prune_dead_handles(pgdata)
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
     admin_uri = server.get_uri()
     with psycopg.connect(admin_uri, autocommit=True) as conn:
