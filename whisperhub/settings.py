@@ -48,6 +48,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and ReDoc files served locally: the docs page works offline
     "django_q",
     "channels",
     "accounts",
@@ -171,6 +172,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Transcription jobs scheduled onto a GPU pool through a memory-reservation ledger.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Devices and the ledger ---
