@@ -21,6 +21,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from gpus.models import Allocation, Device
+from whisperhub import live
 
 
 class LedgerError(Exception):
@@ -109,13 +110,6 @@ def device_grantable(device: Device) -> bool:
     return device.enabled and not device.draining and device.node.online
 
 
-def _notify():
-    # TEMPORARY guard: whisperhub/live.py is being written in parallel; drop it once it exists.
-    try:
-        from whisperhub import live
-    except ImportError:
-        return
-    live.devices_changed()
 
 
 def _lock_devices(device_ids) -> dict[int, Device]:
@@ -179,7 +173,7 @@ def _grant(*, device_ids, mb, job_id, attempt, lease_s, strict) -> Allocation | 
         if _constraint_name(exc) == "allocation_one_active_per_job":
             raise AllocationExists(f"job {job_id} already holds an active allocation") from None
         raise
-    _notify()
+    live.devices_changed()
     return allocation
 
 
@@ -225,7 +219,7 @@ def allocation_release(*, allocation_id: int, reason: str = "") -> bool:
             released_at=timezone.now(), release_reason=reason[:200]
         )
     if released:
-        _notify()
+        live.devices_changed()
     return released == 1
 
 
@@ -260,5 +254,5 @@ def allocations_reap_expired(*, now: datetime | None = None) -> list[Allocation]
         allocation.released_at = released_at
         allocation.release_reason = "lease expired"
     if reaped:
-        _notify()
+        live.devices_changed()
     return reaped
