@@ -11,4 +11,5 @@ urlpatterns = [
     path("jobs/", include("jobs.urls")),
     path("", include("gpus.urls")),
     path("api/", include("whisperhub.api_urls")),
+    path("v1/", include("jobs.openai_urls")),
 ]
