@@ -54,6 +54,11 @@ def queue_changed() -> None:
     _schedule(_Publish("queue"))
 
 
+def alerts_changed() -> None:
+    """An alert fired or resolved."""
+    _schedule(_Publish("alerts"))
+
+
 @dataclass(frozen=True)
 class _Publish:
     """One pending send; equal instances are the same event, which is how calls coalesce."""
@@ -70,10 +75,8 @@ class _Publish:
             logger.warning("live event %s not published", self, exc_info=True)
 
     def _messages(self):
-        if self.kind == "devices":
-            return [(STAFF_GROUP, {"type": "devices.changed"})]
-        if self.kind == "queue":
-            return [(STAFF_GROUP, {"type": "queue.changed"})]
+        if self.kind != "job":
+            return [(STAFF_GROUP, {"type": f"{self.kind}.changed"})]
         message = {"type": "job.changed", "job_id": self.job_id}
         user_id = self.user_id or _job_owner(self.job_id)
         groups = [STAFF_GROUP] + ([user_group(user_id)] if user_id else [])

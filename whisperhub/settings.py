@@ -187,6 +187,8 @@ WHISPERHUB_CLUSTER_NAME = "whisperhub-" + "".join(c if c.isalnum() or c in "-_."
 WHISPERHUB_DEFAULT_SAFETY_FACTOR = env_float("WHISPERHUB_SAFETY_FACTOR", 0.8, minimum=0.01, maximum=1.0)
 WHISPERHUB_AGENT_INTERVAL = env_float("WHISPERHUB_AGENT_INTERVAL", 3.0, minimum=0.1)
 WHISPERHUB_NODE_OFFLINE_AFTER = env_float("WHISPERHUB_NODE_OFFLINE_AFTER", 30.0, minimum=1.0)
+# Set: GET /metrics needs "Authorization: Bearer <token>" (or a staff session). Empty: open, like most exporters.
+WHISPERHUB_METRICS_TOKEN = env_str("WHISPERHUB_METRICS_TOKEN", "")
 WHISPERHUB_MODEL_DIR = Path(env_str("WHISPERHUB_MODEL_DIR", str(VAR_DIR / "models"))).resolve()
 WHISPERHUB_DEFAULT_MODEL = env_str("WHISPERHUB_DEFAULT_MODEL", "tiny.en")  # what OpenAI's "whisper-1" means here
 
