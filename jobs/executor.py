@@ -1,0 +1,312 @@
+"""Run one job attempt inside a q2 worker: load the model, transcribe each file, clean up.
+
+Every write goes through a fenced transition in jobs/services.py (guarded on job id, state
+and attempt). When one answers False the job was cancelled or reaped meanwhile, or another
+delivery of the same task got there first: this run then stops without touching anything.
+
+CUDA is touched only here, inside the forked worker (see DESIGN.md, "django-q2 facts").
+"""
+
+import importlib
+import json
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+
+from django.db import close_old_connections, connection
+from django.utils import timezone
+
+from jobs import model_cache, services
+from jobs.models import AudioFile, Job, SchedulerSettings, WhisperModel
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.5  # at most two progress writes per second
+# Advisory-lock namespace ("WH") for the per-job claim; job ids fit the second int4 key.
+CLAIM_NAMESPACE = 0x5748
+
+
+class Fenced(Exception):
+    """The job left the state/attempt this run owns (cancelled, reaped, run elsewhere)."""
+
+
+class TimedOut(Exception):
+    pass
+
+
+class Undecodable(Exception):
+    pass
+
+
+def job_run(*, job_id: int, attempt: int) -> str:
+    """Run attempt `attempt` of job `job_id`; returns what happened, for q2's result row."""
+    job = Job.objects.select_related("device").filter(id=job_id, attempt=attempt, state=Job.State.LOADING).first()
+    if job is None:
+        logger.info("job %s attempt %s: not loading with this attempt any more, nothing to do", job_id, attempt)
+        return "stale"
+    with _claim(job_id) as claimed:
+        if not claimed:
+            logger.info("job %s attempt %s: another worker is running it", job_id, attempt)
+            return "duplicate"
+        return _run_claimed(job)
+
+
+@contextmanager
+def _claim(job_id: int):
+    """A session advisory lock: of two deliveries of one task running at once, one proceeds.
+
+    Held on this worker's connection, it vanishes with the process if the worker is killed.
+    """
+    key = job_id % 2**31
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", [CLAIM_NAMESPACE, key])
+        claimed = cursor.fetchone()[0]
+    try:
+        yield claimed
+    finally:
+        if claimed:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [CLAIM_NAMESPACE, key])
+
+
+def _run_claimed(job: Job) -> str:
+    # Re-read under the claim: a delivery that finished just before may have moved the job on.
+    if not Job.objects.filter(id=job.id, attempt=job.attempt, state=Job.State.LOADING).exists():
+        return "stale"
+    logger.info("job %s attempt %s: running in worker pid %s", job.id, job.attempt, os.getpid())
+    conf = SchedulerSettings.load()
+    run = Run(job, conf)
+    try:
+        with Heartbeat(job_id=job.id, attempt=job.attempt, interval_s=conf.heartbeat_s) as heartbeat:
+            run.heartbeat = heartbeat
+            return run.execute()
+    except Fenced:
+        logger.info("job %s attempt %s: fenced out (cancelled or reaped) while %s; stopped", job.id, job.attempt, run.stage)
+        return "fenced"
+    except TimedOut as exc:
+        logger.warning("job %s attempt %s: %s", job.id, job.attempt, exc)
+        # The sweep's own rule (started_at + task_timeout_s), applied now rather than at its next
+        # pass: the job fails without retry and its memory is freed.
+        services.jobs_fail_timed_out()
+        return "timed out"
+    except Exception as exc:
+        oom = is_out_of_memory(exc)
+        logger.exception("job %s attempt %s failed%s", job.id, job.attempt, " (out of memory)" if oom else "")
+        error = "Out of memory on the device" if oom else f"{type(exc).__name__}: {exc}"
+        services.job_attempt_failed(job_id=job.id, attempt=job.attempt, error=error, oom=oom)
+        return "failed"
+    finally:
+        run.release_model()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+class Run:
+    """One attempt's stages. Its methods raise Fenced/TimedOut; _run_claimed maps the outcome."""
+
+    def __init__(self, job: Job, conf: SchedulerSettings):
+        self.job, self.conf = job, conf
+        self.heartbeat: Heartbeat | None = None
+        self.device = model_cache.torch_device(job.device) if job.device else "cpu"
+        self.checkpoint = None
+        self.stage = "loading"  # for the logs: where a stop happened
+        self.deadline = (job.started_at or timezone.now()) + timedelta(seconds=conf.task_timeout_s)
+
+    def execute(self) -> str:
+        model, load_seconds = self.load()
+        self.fence(services.job_start_processing(job_id=self.job.id, attempt=self.job.attempt, load_seconds=load_seconds))
+        started = time.monotonic()
+        for audio in self.job.files.order_by("position"):
+            if audio.state == AudioFile.State.COMPLETED:
+                continue  # finished by an earlier attempt: results are saved as they come
+            self.transcribe_file(model, audio)
+        del model
+        self.stage = "completing"
+        self.fence(services.job_complete(job_id=self.job.id, attempt=self.job.attempt, transcribe_seconds=time.monotonic() - started))
+        return "completed"
+
+    def fence(self, ok: bool) -> None:
+        if not ok:
+            raise Fenced()
+
+    def check(self) -> None:
+        """Between steps and from the progress hook: stop as soon as the run is no longer ours."""
+        if self.heartbeat and self.heartbeat.fenced.is_set():
+            raise Fenced()
+        if timezone.now() > self.deadline:
+            raise TimedOut(f"Timed out: the job ran longer than the task timeout ({self.conf.task_timeout_s} s)")
+
+    def load(self):
+        wm = WhisperModel.objects.filter(name=self.job.model_name).first()
+        if wm is None or not wm.installed:
+            raise RuntimeError(f"model {self.job.model_name!r} is not installed on this node")
+        self.checkpoint = wm.checkpoint_path
+        model, seconds, cached = model_cache.model_get(checkpoint=self.checkpoint, device=self.device)
+        logger.info(
+            "job %s attempt %s: model %s on %s %s in %.2f s",
+            self.job.id, self.job.attempt, wm.name, self.device, "from cache" if cached else "loaded", seconds,
+        )
+        self.check()
+        return model, seconds
+
+    def release_model(self) -> None:
+        if self.checkpoint is not None:
+            model_cache.model_put_back(checkpoint=self.checkpoint, device=self.device)
+
+    def transcribe_file(self, model, audio: AudioFile) -> None:
+        self.check()
+        ids = dict(job_id=self.job.id, attempt=self.job.attempt, file_id=audio.id)
+        self.stage = f"starting file {audio.id}"
+        self.fence(services.job_report_progress(**ids, file_progress=0.0))
+        started = time.monotonic()
+        try:
+            samples = decode_audio(audio.file.path)
+        except Undecodable as exc:
+            logger.warning("job %s file %s: %s", self.job.id, audio.id, exc)
+            self.fence(services.job_file_failed(**ids, error=str(exc)))
+            return
+        reporter = ProgressReporter(self, audio.id)
+        with whisper_progress(reporter.update):
+            result = model.transcribe(samples, **self.decode_options())
+        self.fence(services.job_file_completed(**ids, result=result_for_storage(result, samples), seconds=time.monotonic() - started))
+
+    def decode_options(self) -> dict:
+        job = self.job
+        options = dict(
+            language=job.language or None,
+            task=job.task,
+            temperature=job.temperature,
+            initial_prompt=job.initial_prompt or None,
+            word_timestamps=job.word_timestamps,
+            fp16=self.device.startswith("cuda"),
+            verbose=None,  # no console output, no bar drawn; whisper_progress still sees the updates
+        )
+        if job.temperature == 0:  # whisper ignores beams when sampling
+            options["beam_size"] = job.beam_size
+        return options
+
+
+class ProgressReporter:
+    """Turns whisper's frame counter into throttled per-file progress writes."""
+
+    def __init__(self, run: Run, file_id: int):
+        self.run, self.file_id = run, file_id
+        self.last_write = 0.0
+
+    def update(self, fraction: float) -> None:
+        self.run.stage = f"transcribing file {self.file_id} at {fraction:.0%}"
+        self.run.check()
+        now = time.monotonic()
+        if now - self.last_write < PROGRESS_INTERVAL_S or fraction >= 1:
+            return  # the file's completion write follows at once
+        self.last_write = now
+        job = self.run.job
+        self.run.fence(
+            services.job_report_progress(job_id=job.id, attempt=job.attempt, file_id=self.file_id, file_progress=round(fraction, 4))
+        )
+
+
+@contextmanager
+def whisper_progress(callback):
+    """Call callback(fraction) each time whisper's transcribe loop advances.
+
+    openai-whisper has no progress callback, only a tqdm bar over the audio frames. We swap
+    the `tqdm` name inside whisper.transcribe's module for a namespace whose bar reports to
+    `callback`; other tqdm users in the process are untouched. An exception raised by the
+    callback (Fenced, TimedOut) leaves transcribe() at once.
+    """
+    import tqdm
+
+    module = importlib.import_module("whisper.transcribe")  # `whisper.transcribe` is the function
+
+    class Bar(tqdm.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            self.done = getattr(self, "done", 0) + n
+            if self.total:
+                callback(min(1.0, self.done / self.total))
+
+    original = module.tqdm
+    module.tqdm = type("tqdm_namespace", (), {"tqdm": Bar})
+    try:
+        yield
+    finally:
+        module.tqdm = original
+
+
+def decode_audio(path: str):
+    """Decode through ffmpeg as whisper does; a file ffmpeg can't read raises Undecodable."""
+    from whisper.audio import load_audio
+
+    try:
+        samples = load_audio(path)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()
+        reason = detail[-1] if detail else "ffmpeg could not decode it"
+        raise Undecodable(f"Could not decode the audio file: {reason}") from None
+    except FileNotFoundError:
+        raise Undecodable("Could not decode the audio file: it is missing from storage") from None
+    if samples.size == 0:
+        raise Undecodable("Could not decode the audio file: it contains no audio")
+    return samples
+
+
+def result_for_storage(result: dict, samples) -> dict:
+    """Whisper's result as plain JSON: text, language, duration and segments without token ids."""
+    from whisper.audio import SAMPLE_RATE
+
+    segments = [{k: v for k, v in segment.items() if k != "tokens"} for segment in result["segments"]]
+    stored = {
+        "text": result["text"].strip(),
+        "language": result.get("language", ""),
+        "duration": round(len(samples) / SAMPLE_RATE, 3),
+        "segments": segments,
+    }
+    # numpy scalars (word probabilities) are not JSON: round-trip through floats.
+    return json.loads(json.dumps(stored, default=float))
+
+
+class Heartbeat:
+    """Renews the job's lease every heartbeat_s from a thread; sets `fenced` when refused."""
+
+    def __init__(self, *, job_id: int, attempt: int, interval_s: float):
+        self.job_id, self.attempt, self.interval_s = job_id, attempt, interval_s
+        self.fenced = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-job-{job_id}", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        try:
+            # The first beat goes at once: the lease was granted at dispatch, maybe a while ago.
+            while not self._stop.is_set():
+                if not self._beat():
+                    self.fenced.set()
+                    return
+                self._stop.wait(self.interval_s)
+        finally:
+            connection.close()  # this thread's own connection
+
+    def _beat(self) -> bool:
+        try:
+            return services.job_heartbeat(job_id=self.job_id, attempt=self.attempt)
+        except Exception:  # a database hiccup: a later beat may get through before the lease lapses
+            logger.exception("job %s: heartbeat failed", self.job_id)
+            close_old_connections()
+            return True
