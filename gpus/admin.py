@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django.db import models
 
 from gpus.models import Alert, AlertRule
 
@@ -8,6 +9,7 @@ class AlertRuleAdmin(admin.ModelAdmin):
     # Validation: AlertRule.clean() → gpus.alerts.alert_rule_check (metric known, duration ≥ 0, threshold in range).
     list_display = ["name", "metric", "comparison", "threshold", "duration_s", "enabled", "last_value", "pending_since"]
     list_filter = ["enabled", "metric"]
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     readonly_fields = ["pending_since", "last_value", "last_evaluated_at"]
     fieldsets = [
         (None, {"fields": ["name", "enabled", "metric", "comparison", "threshold", "duration_s"]}),

@@ -241,3 +241,316 @@ def test_publishing_with_redis_unreachable_never_raises_and_is_bounded(db, alice
         live.publishing_resume()
     assert "live events paused" in caplog.text
     assert elapsed < live.SEND_TIMEOUT_S + 1, "a failed send is bounded, and later ones skip during the backoff"
+
+
+# --- alert rules ----------------------------------------------------------------------------------
+
+T0 = timezone.now().replace(microsecond=0) + timedelta(days=1)  # controlled time, clear of real rows
+
+
+def make_pending(user, n: int) -> list[Job]:
+    return [Job.objects.create(user=user, model_name="tiny.en") for _ in range(n)]
+
+
+@pytest.fixture
+def queue_rule(db):
+    from gpus.models import AlertRule
+
+    AlertRule.objects.update(enabled=False)  # the seeded rules stay out of these tests
+    return AlertRule.objects.create(name="Queue over 2", metric="queue_length", comparison="gt", threshold=2, duration_s=300)
+
+
+def evaluate(at_s: float):
+    from gpus.alerts import alerts_evaluate
+
+    return alerts_evaluate(now=T0 + timedelta(seconds=at_s))
+
+
+def test_alert_fires_only_after_the_whole_duration_then_resolves(queue_rule, alice, charlie, mailoutbox):
+    from gpus.models import Alert
+
+    jobs = make_pending(alice, 3)
+    for second in (0, 60, 120, 180, 240, 299):
+        assert evaluate(second) == [], f"fired after {second} s of a 300 s rule"
+    assert mailoutbox == []
+    [fired] = evaluate(300)
+    assert (fired.event, fired.value) == ("fired", 3)
+    alert = Alert.objects.get()
+    assert (alert.state, alert.started_at, alert.fired_at) == ("firing", T0, T0 + timedelta(seconds=300))
+    assert len(mailoutbox) == 1 and mailoutbox[0].to == ["charlie@example.com"]  # no recipients set: staff
+    assert "Queue over 2" in mailoutbox[0].subject
+    for second in (360, 420):
+        assert evaluate(second) == []
+    assert len(mailoutbox) == 1, "one notification per firing"
+
+    Job.objects.filter(pk=jobs[0].pk).update(state=Job.State.CANCELLED)
+    [resolved] = evaluate(480)
+    assert (resolved.event, resolved.value) == ("resolved", 2)
+    alert.refresh_from_db()
+    assert (alert.state, alert.resolved_at) == ("resolved", T0 + timedelta(seconds=480))
+    assert len(mailoutbox) == 2 and "resolved" in mailoutbox[1].subject
+    assert [(n["channel"], n["event"], n["status"]) for n in alert.notifications] == [
+        ("email", "fired", "sent"),
+        ("email", "resolved", "sent"),
+    ]
+    assert evaluate(540) == [] and len(mailoutbox) == 2
+
+
+def test_a_break_in_the_condition_restarts_the_duration(queue_rule, alice):
+    jobs = make_pending(alice, 3)
+    for second in (0, 60, 120, 180, 240):
+        assert evaluate(second) == []
+    Job.objects.filter(pk=jobs[0].pk).update(state=Job.State.CANCELLED)
+    assert evaluate(250) == []
+    Job.objects.filter(pk=jobs[0].pk).update(state=Job.State.PENDING)
+    for second in (260, 320, 380, 440, 500):
+        assert evaluate(second) == [], "the stretch restarted at 260 s"
+    assert [c.event for c in evaluate(560)] == ["fired"]
+
+
+def test_a_gap_in_evaluation_does_not_count_as_holding(queue_rule, alice):
+    make_pending(alice, 3)
+    assert evaluate(0) == []
+    assert evaluate(400) == [], "nobody looked between 0 and 400 s"
+    for second in (460, 520, 580, 640, 699):
+        assert evaluate(second) == [], "the stretch restarted at 400 s"
+    assert [c.event for c in evaluate(700)] == ["fired"]
+
+
+def test_disabling_a_firing_rule_resolves_it(queue_rule, alice):
+    make_pending(alice, 3)
+    queue_rule.duration_s = 0
+    queue_rule.save()
+    assert [c.event for c in evaluate(0)] == ["fired"]
+    queue_rule.enabled = False
+    queue_rule.save()
+    assert [c.event for c in evaluate(60)] == ["resolved"]
+
+
+class Receiver:
+    """A real local HTTP server answering POSTs with the given status codes in turn."""
+
+    def __init__(self, statuses):
+        import http.server
+        import threading
+
+        self.statuses, self.bodies = list(statuses), []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                receiver.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                code = receiver.statuses.pop(0) if len(receiver.statuses) > 1 else receiver.statuses[0]
+                self.send_response(code)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    "statuses, outcome, attempts",
+    [([500], "failed", 4), ([503, 502, 200], "sent", 3)],
+    ids=["always-failing", "recovers"],
+)
+def test_webhook_is_delivered_by_a_task_with_retries_and_recorded(
+    queue_rule, alice, monkeypatch, django_capture_on_commit_callbacks, statuses, outcome, attempts
+):
+    import json
+
+    from django_q.models import OrmQ
+
+    from gpus import alerts
+    from gpus.models import Alert
+
+    monkeypatch.setattr(alerts, "WEBHOOK_BACKOFF_S", (0.01, 0.02, 0.04))
+    receiver = Receiver(statuses)
+    try:
+        queue_rule.webhook_url, queue_rule.duration_s = receiver.url, 0
+        queue_rule.save()
+        make_pending(alice, 3)
+        with django_capture_on_commit_callbacks(execute=True):
+            [fired] = evaluate(0)
+        # The evaluator only enqueued the delivery: the receiver has not been called yet.
+        assert receiver.bodies == []
+        assert OrmQ.objects.count() == 1
+        alert = Alert.objects.get()
+        assert {"channel": "webhook", "event": "fired", "status": "queued", "attempts": 0} in alert.notifications
+
+        # What the q2 worker runs for that queue entry.
+        assert alerts.alert_webhook_deliver(alert.pk, "fired") is (outcome == "sent")
+        assert len(receiver.bodies) == attempts
+        assert json.loads(receiver.bodies[0])["rule"] == "Queue over 2"
+        alert.refresh_from_db()
+        [entry] = [n for n in alert.notifications if n["channel"] == "webhook"]
+        assert (entry["status"], entry["attempts"]) == (outcome, attempts)
+    finally:
+        receiver.close()
+
+
+def test_webhook_to_nowhere_fails_after_retries_and_is_recorded(queue_rule, alice, monkeypatch):
+    from gpus import alerts
+    from gpus.models import Alert
+
+    monkeypatch.setattr(alerts, "WEBHOOK_BACKOFF_S", (0.01, 0.01, 0.01))
+    queue_rule.webhook_url, queue_rule.duration_s = "http://127.0.0.1:9/hook", 0
+    queue_rule.save()
+    make_pending(alice, 3)
+    evaluate(0)
+    alert = Alert.objects.get()
+    assert alerts.alert_webhook_deliver(alert.pk, "fired") is False
+    alert.refresh_from_db()
+    [entry] = [n for n in alert.notifications if n["channel"] == "webhook"]
+    assert entry["status"] == "failed" and entry["attempts"] == 4 and entry["errors"][0] == "ConnectionError"
+
+
+def test_evaluate_due_runs_once_per_interval_and_records_a_sample(queue_rule, alice):
+    from gpus.alerts import evaluate_due
+    from gpus.models import MetricSample
+
+    make_pending(alice, 4)
+    evaluate_due(now=T0)
+    evaluate_due(now=T0 + timedelta(seconds=3))  # another agent, 3 s later: not due
+    evaluate_due(now=T0 + timedelta(seconds=11))
+    assert list(MetricSample.objects.values_list("queue_length", flat=True)) == [4, 4]
+
+
+def test_seeded_rules_are_the_seeds_defaults(db):
+    import importlib
+
+    from django.apps import apps
+
+    from gpus.models import AlertRule
+
+    AlertRule.objects.all().delete()
+    importlib.import_module("gpus.migrations.0004_alert_rule_defaults").add_rules(apps, None)
+    assert set(AlertRule.objects.values_list("metric", "comparison", "threshold", "duration_s", "enabled")) == {
+        ("memory_usage", "gt", 0.9, 300, True),
+        ("queue_length", "gt", 10, 600, True),
+        ("error_rate", "gt", 0.1, 300, True),
+    }
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"metric": "gpu_happiness"}, "metric"),
+        ({"duration_s": "-5"}, "duration_s"),
+        ({"threshold": "1.5"}, "threshold"),  # a ratio above 1 can never be reached
+        ({"email_recipients": "ops@example.com, not-an-address"}, "email_recipients"),
+    ],
+)
+def test_admin_refuses_a_malformed_rule(admin_client, change, field):
+    from gpus.models import AlertRule
+
+    form = {"name": "Bad", "enabled": "on", "metric": "memory_usage", "comparison": "gt", "threshold": "0.8",
+            "duration_s": "60", "email_recipients": "", "webhook_url": "", **change}
+    response = admin_client.post("/admin/gpus/alertrule/add/", form)
+    assert response.status_code == 200
+    assert field in response.context["adminform"].form.errors
+    assert not AlertRule.objects.filter(name="Bad").exists()
+
+
+def test_admin_accepts_a_good_rule_and_model_validation_refuses_bad_ones(admin_client):
+    from django.core.exceptions import ValidationError
+
+    from gpus.models import AlertRule
+
+    form = {"name": "Hot", "enabled": "on", "metric": "temperature", "comparison": "ge", "threshold": "85",
+            "duration_s": "120", "email_recipients": "ops@example.com", "webhook_url": ""}
+    assert admin_client.post("/admin/gpus/alertrule/add/", form).status_code == 302
+    assert AlertRule.objects.filter(name="Hot", threshold=85).exists()
+    with pytest.raises(ValidationError) as refused:
+        AlertRule(name="x", metric="nope", comparison="gt", threshold=1, duration_s=-1).full_clean()
+    assert {"metric", "duration_s"} <= set(refused.value.message_dict)
+
+
+# --- /metrics and the dashboard snapshot ------------------------------------------------------------
+
+
+def test_metrics_parse_and_carry_the_figures(db, alice, client, settings):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gpus.services import allocation_reserve
+
+    settings.WHISPERHUB_NODE_OFFLINE_AFTER = 3600.0
+    node = Node.objects.create(name="n1", cluster_name="c", last_seen=timezone.now())
+    device = Device.objects.create(node=node, index=0, uuid="m-0", name="Sim", kind="simulated", total_mb=10000,
+                                   reserved_mb=1000, safety_factor=0.8, used_mb=2500, temperature_c=61, utilization_pct=40)
+    allocation_reserve(device_id=device.pk, mb=1800)
+    now = timezone.now()
+    make_pending(alice, 2)
+    Job.objects.create(user=alice, model_name="tiny.en", state="completed", attempt=1,
+                       started_at=now - timedelta(seconds=20), finished_at=now)
+    Job.objects.create(user=alice, model_name="tiny.en", state="failed", attempt=3,
+                       started_at=now - timedelta(seconds=5), finished_at=now)
+
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    samples = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    dev = (("device", "n1:0"), ("kind", "simulated"), ("name", "Sim"), ("node", "n1"))
+    mib = 1024 * 1024
+    assert samples[("whisperhub_device_memory_total_bytes", dev)] == 10000 * mib
+    assert samples[("whisperhub_device_memory_allocatable_bytes", dev)] == 7200 * mib
+    assert samples[("whisperhub_device_memory_allocated_bytes", dev)] == 1800 * mib
+    assert samples[("whisperhub_device_memory_available_bytes", dev)] == 5400 * mib
+    assert samples[("whisperhub_device_memory_driver_used_bytes", dev)] == 2500 * mib
+    assert samples[("whisperhub_device_memory_usage_ratio", dev)] == 0.25
+    assert samples[("whisperhub_device_temperature_celsius", dev)] == 61
+    assert samples[("whisperhub_node_online", (("node", "n1"),))] == 1
+    assert samples[("whisperhub_queue_length", ())] == 2
+    assert samples[("whisperhub_jobs", (("state", "failed"),))] == 1
+    assert samples[("whisperhub_job_processing_seconds_bucket", (("le", "10.0"),))] == 0
+    assert samples[("whisperhub_job_processing_seconds_bucket", (("le", "30.0"),))] == 1
+    assert samples[("whisperhub_job_processing_seconds_count", ())] == 1
+    assert samples[("whisperhub_job_retries_total", ())] == 2
+    assert samples[("whisperhub_job_error_ratio", (("window", "15m"),))] == 0.5
+
+    settings.WHISPERHUB_METRICS_TOKEN = "s3cret"
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret").status_code == 200
+
+
+def test_snapshot_with_no_devices(charlie_client):
+    body = charlie_client.get("/dashboard/snapshot/").json()
+    assert body["nodes"] == [] and body["queue"] == {"count": 0, "jobs": []} and body["running"]["count"] == 0
+    page = charlie_client.get("/dashboard/")
+    assert page.status_code == 200 and b"dashboard.js" in page.content
+
+
+def test_dashboard_is_staff_only(alice_client, client):
+    for url in ("/dashboard/", "/dashboard/snapshot/"):
+        assert alice_client.get(url).status_code == 302
+        assert client.get(url).status_code == 302
+
+
+def test_snapshot_with_an_offline_node_and_hundreds_queued(charlie_client, alice, settings):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from gpus.dashboard import QUEUE_SHOWN
+
+    old = timezone.now() - timedelta(seconds=settings.WHISPERHUB_NODE_OFFLINE_AFTER + 60)
+    node = Node.objects.create(name="gone", cluster_name="c", last_seen=old)
+    Device.objects.create(node=node, index=0, uuid="g-0", name="Sim", kind="simulated", total_mb=4096)
+    make_pending(alice, 10)
+    with CaptureQueriesContext(connection) as few:
+        body = charlie_client.get("/dashboard/snapshot/").json()
+    assert body["nodes"][0]["online"] is False and body["nodes"][0]["devices"][0]["total_mb"] == 4096
+    Job.objects.bulk_create([Job(user=alice, model_name="tiny.en") for _ in range(290)])
+    with CaptureQueriesContext(connection) as many:
+        body = charlie_client.get("/dashboard/snapshot/").json()
+    assert body["queue"]["count"] == 300 and len(body["queue"]["jobs"]) == QUEUE_SHOWN
+    assert [j["position"] for j in body["queue"]["jobs"][:3]] == [1, 2, 3]
+    assert len(many) == len(few), "queries do not grow with the queue"
