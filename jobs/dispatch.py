@@ -140,6 +140,9 @@ def dispatch_pending(*, now: datetime | None = None) -> int:
             device_id = _place(job, candidates, scheduler)
         except _Full:
             break
+        except Exception:  # noqa: BLE001 - one job the ledger refuses must not stall the queue behind it
+            logger.exception("job %s could not be placed; skipped in this pass", job.id)
+            continue
         if device_id is not None:
             state.granted(device_id, job.memory_mb)
             placed += 1

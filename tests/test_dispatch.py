@@ -135,6 +135,15 @@ def test_only_enabled_undrained_devices_on_online_nodes_are_used(alice, node):
     assert Job.objects.get(id=job.id).device == usable
 
 
+def test_a_job_the_ledger_refuses_does_not_stall_the_queue(alice, node):
+    make_device(node)
+    broken = make_job(alice, memory_mb=0, priority=Job.Priority.HIGH)  # written by hand, not by job_create
+    job = make_job(alice)
+
+    assert dispatch_pending() == 1
+    assert (state_of(broken), state_of(job)) == (State.PENDING, State.LOADING)
+
+
 # --- Placement score ---
 
 
