@@ -5,7 +5,6 @@ directory and a fixed base name, and read the bytes back. The user's file name n
 the filesystem: it is used only for the download's Content-Disposition.
 """
 
-import re
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -20,6 +19,8 @@ CONTENT_TYPES = {
     "tsv": "text/tab-separated-values; charset=utf-8",
     "json": "application/json",
 }
+# Characters that mean something in a header or to a file system; never part of a download's name.
+UNSAFE = set('"\'\\/:*?<>|;%')
 # What `whisper` CLI passes when no line shaping is asked for; the subtitle writers expect the keys.
 WRITER_OPTIONS = {"max_line_width": None, "max_line_count": None, "highlight_words": False}
 
@@ -34,13 +35,14 @@ def result_render(*, result: dict, fmt: str) -> bytes:
 
 
 def download_filename(original_name: str, fmt: str) -> str:
-    """A safe ASCII file name for a download: the uploaded name's stem, new extension.
+    """A download's file name: the uploaded name's stem with the format's extension.
 
-    Separators, control characters and quotes cannot survive, so the header cannot be
-    split or point anywhere; a name with nothing left becomes "transcript".
+    Separators, control characters and quotes are replaced, so the name can neither split the
+    header nor point into a folder; other Unicode is kept (Content-Disposition carries it as
+    RFC 5987 filename*). A name with nothing left becomes "transcript".
     """
-    stem = Path(original_name.replace("\\", "/")).name
-    stem = stem.rsplit(".", 1)[0] if "." in stem.lstrip(".") else stem
-    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
-    safe = re.sub(r"[^A-Za-z0-9._ -]+", "_", ascii_stem).strip(" ._-")[:100]
+    name = unicodedata.normalize("NFC", original_name.replace("\\", "/")).rsplit("/", 1)[-1]
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    safe = "".join("_" if c in UNSAFE or (unicodedata.category(c)[0] in "CZ" and c != " ") else c for c in stem)
+    safe = safe.strip(" ._")[:100]
     return f"{safe or 'transcript'}.{fmt}"
