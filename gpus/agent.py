@@ -186,7 +186,6 @@ class Agent:
 
     def _guarded(self, what: str, step) -> None:
         # A PostgreSQL restart or a transient NVML error costs one cycle, never the agent.
-        close_old_connections()
         try:
             step()
         except Exception:  # noqa: BLE001
@@ -197,6 +196,8 @@ class Agent:
         self.register()
         try:
             while not self.stopping.is_set():
+                # Drops a connection a PostgreSQL restart broke, as Django does between requests.
+                close_old_connections()
                 self.run_once()
                 wait = min(self.next_report, self.next_sweep) - time.monotonic()
                 self.stopping.wait(max(0.0, wait))

@@ -6,6 +6,7 @@ must not import models at the top.
 
 import os
 import random
+import time
 
 
 def hammer(test_db_name: str, device_ids: list[int], iterations: int, seed: int, start) -> dict:
@@ -24,6 +25,7 @@ def hammer(test_db_name: str, device_ids: list[int], iterations: int, seed: int,
     rng = random.Random(seed)
     granted, released, refused, held = [], [], 0, []
     start.wait()
+    began = time.time()
     try:
         for _ in range(iterations):
             preference = rng.sample(device_ids, len(device_ids))
@@ -40,5 +42,6 @@ def hammer(test_db_name: str, device_ids: list[int], iterations: int, seed: int,
                 # A second release of the same row must change nothing.
                 assert not services.allocation_release(allocation_id=allocation_id, reason="twice")
     finally:
+        ended = time.time()
         connection.close()
-    return {"granted": granted, "released": released, "refused": refused, "pid": os.getpid()}
+    return {"granted": granted, "released": released, "refused": refused, "pid": os.getpid(), "window": (began, ended)}
