@@ -31,7 +31,6 @@ from gpus.services import allocatable_mb, allocation_release, allocation_renew, 
 from jobs import dispatch
 from jobs.audio import AudioProbeError, probe_audio
 from jobs.models import AudioFile, Job, JobEvent, SchedulerSettings, WhisperModel
-from jobs.outputs import FORMATS
 from whisperhub import live
 
 logger = logging.getLogger(__name__)
@@ -190,6 +189,10 @@ def _options_check(*, model, task, priority, temperature, beam_size, initial_pro
 
 
 def _formats_check(output_formats) -> list[str]:
+    # Imported here, as whisper.tokenizer above: whisper brings torch, which a process that only
+    # dispatches (the GPU agent's sweep) should not load.
+    from jobs.outputs import FORMATS
+
     if not output_formats:
         return list(FORMATS)
     unknown = [fmt for fmt in output_formats if fmt not in FORMATS]
