@@ -13,7 +13,7 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.db import transaction
+from django.db import connections, transaction
 from django.test import Client
 from django.utils import timezone
 
@@ -554,3 +554,156 @@ def test_snapshot_with_an_offline_node_and_hundreds_queued(charlie_client, alice
     assert body["queue"]["count"] == 300 and len(body["queue"]["jobs"]) == QUEUE_SHOWN
     assert [j["position"] for j in body["queue"]["jobs"][:3]] == [1, 2, 3]
     assert len(many) == len(few), "queries do not grow with the queue"
+
+
+# --- a real browser on a real Daphne ------------------------------------------------------------------
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def daphne_url(transactional_db, settings, tmp_path):
+    """Daphne serving whisperhub.asgi (pages and websockets) on this test's database, as a subprocess:
+    pytest-django's live_server speaks WSGI only and serves no websockets."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from django.db import connection
+
+    from tests.conftest import _database_url
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        DATABASE_URL=_database_url(connection.settings_dict),
+        REDIS_URL=settings.REDIS_URL,
+        MEDIA_ROOT=str(settings.MEDIA_ROOT),
+        WHISPERHUB_NODE_OFFLINE_AFTER="3600",
+        PYTHONUNBUFFERED="1",
+    )
+    log_path = tmp_path / "daphne.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "whisperhub.asgi:application"],
+            cwd=Path(__file__).resolve().parent.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/accounts/login/", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"daphne did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _wait_for_other_sessions_to_end(connection)
+
+
+def _wait_for_other_sessions_to_end(connection, timeout_s: float = 10) -> None:
+    """PostgreSQL ends a dead client's backend a moment after the client exits; dropping the test
+    database before that fails with "being accessed by other users"."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            if cursor.fetchone()[0] == 0:
+                return
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def browser_page(daphne_url, charlie, monkeypatch):
+    """Chromium with charlie (staff) logged in, on the dashboard, its socket live."""
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps an event loop on this thread; the test's own ORM calls are
+    # still plain synchronous code, which Django would otherwise refuse next to a loop.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    client = Client()
+    client.force_login(charlie)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context()
+            context.add_cookies([{"name": "sessionid", "value": client.cookies["sessionid"].value, "url": daphne_url}])
+            page = context.new_page()
+            errors = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(daphne_url + "/dashboard/")
+            page.wait_for_selector('#dashboard[data-connection="live"]', timeout=15000)
+            # Survives only if the page is never reloaded.
+            page.evaluate("window.__sameDocument = true")
+            yield page
+            assert errors == [], f"JavaScript errors on the dashboard: {errors}"
+        finally:
+            browser.close()
+            # Inside sync_playwright the test ran in another context, hence on its own database
+            # connection: close it here, or it outlives the test and blocks dropping the test database.
+            connections.close_all()
+
+
+def card_allocated(page, device) -> str:
+    return page.get_attribute(f'[data-device-id="{device.pk}"]', "data-allocated-mb")
+
+
+def wait_for(page, js: str, arg, what: str, timeout_ms: int = 15000) -> None:
+    try:
+        page.wait_for_function(js, arg=arg, timeout=timeout_ms)
+    except Exception as exc:  # noqa: BLE001 - say what the page showed instead
+        raise AssertionError(f"{what}; the page showed: {page.inner_text('#dashboard')[:1500]}") from exc
+
+
+ALLOCATED_IS = "([id, mb]) => document.querySelector(`[data-device-id=\"${id}\"]`)?.dataset.allocatedMb === String(mb)"
+PROGRESS_IS = ("([id, text]) => document.querySelector(`#running tr[data-job-id=\"${id}\"] "
+               "[data-role=\"progress-text\"]`)?.textContent === text")
+NOT_RUNNING = "(id) => !document.querySelector(`#running tr[data-job-id=\"${id}\"]`)"
+
+
+@pytest.mark.browser
+def test_dashboard_follows_a_job_live_in_a_real_browser(browser_page, pool, tiny_model, speak, alice):
+    """Driven through the services (placement by the real dispatcher, progress and completion as
+    the executor reports them), the open page changes without a reload and returns when the job ends."""
+    page = browser_page
+    assert card_allocated(page, pool) == "0"
+    alice_client = Client()
+    alice_client.force_login(alice)
+    wav = SimpleUploadedFile("clip.wav", speak("hello from the browser test").read_bytes(), content_type="audio/wav")
+    response = alice_client.post("/jobs/new/", {"files": [wav], "model": "tiny.en", "task": "transcribe", "priority": "normal"})
+    assert response.status_code == 302, response.content[:500]
+    job = Job.objects.get(user=alice)
+    assert job.state == Job.State.LOADING and job.memory_mb == 1536
+
+    wait_for(page, ALLOCATED_IS, [pool.pk, 1536], "the device card shows the job's reservation")
+    start_processing(job, 0.3)
+    wait_for(page, PROGRESS_IS, [job.pk, "30%"], "the running job's progress shows 30%")
+    report_progress(job, 0.8)
+    wait_for(page, PROGRESS_IS, [job.pk, "80%"], "the running job's progress moves to 80%")
+    job.refresh_from_db()
+    assert job_services.job_complete(job_id=job.pk, attempt=job.attempt, transcribe_seconds=1.0) is not None
+    wait_for(page, ALLOCATED_IS, [pool.pk, 0], "the reservation is gone from the card")
+    wait_for(page, NOT_RUNNING, job.pk, "the job left the running list")
+    assert page.evaluate("window.__sameDocument") is True, "no reload happened"

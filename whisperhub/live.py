@@ -106,17 +106,40 @@ _down_until = 0.0  # monotonic time before which Redis is assumed down (shared b
 
 
 def _send(group: str, message: dict) -> None:
-    global _down_until
     if time.monotonic() < _down_until:
         return
     layer = get_channel_layer()
     if layer is None:
         return
     try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is not None:
+        # Sync code running on an event loop's thread can't block on it: send from the loop.
+        task = loop.create_task(_bounded_group_send(layer, group, message))
+        _in_flight.add(task)
+        task.add_done_callback(_task_done)
+        return
+    try:
         async_to_sync(_bounded_group_send)(layer, group, message)
     except Exception as exc:  # noqa: BLE001 - Redis down, timeout, serialisation: all only cost liveness
-        _down_until = time.monotonic() + BACKOFF_S
-        logger.warning("live events paused for %.0f s: group_send to %s failed: %r", BACKOFF_S, group, exc)
+        _failed(group, exc)
+
+
+_in_flight: set = set()  # strong references, so the loop doesn't drop a pending send
+
+
+def _task_done(task) -> None:
+    _in_flight.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        _failed("(from the loop)", task.exception())
+
+
+def _failed(group: str, exc: BaseException) -> None:
+    global _down_until
+    _down_until = time.monotonic() + BACKOFF_S
+    logger.warning("live events paused for %.0f s: group_send to %s failed: %r", BACKOFF_S, group, exc)
 
 
 async def _bounded_group_send(layer, group: str, message: dict) -> None:
