@@ -25,6 +25,9 @@ from jobs.models import AudioFile, Job, SchedulerSettings, WhisperModel
 logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5  # at most two progress writes per second
+# How often the watchdog reads whether the job is still ours (between lease renewals), so a
+# cancel stops the model within about this long.
+FENCE_POLL_S = 1.0
 # Advisory-lock namespace ("WH") for the per-job claim; job ids fit the second int4 key.
 CLAIM_NAMESPACE = 0x5748
 
@@ -79,10 +82,13 @@ def _run_claimed(job: Job) -> str:
     logger.info("job %s attempt %s: running in worker pid %s", job.id, job.attempt, os.getpid())
     conf = SchedulerSettings.load()
     run = Run(job, conf)
+    clean = False
     try:
-        with Heartbeat(job_id=job.id, attempt=job.attempt, interval_s=conf.heartbeat_s) as heartbeat:
-            run.heartbeat = heartbeat
-            return run.execute()
+        with Watchdog(job_id=job.id, attempt=job.attempt, heartbeat_s=conf.heartbeat_s) as watchdog:
+            run.watchdog = watchdog
+            outcome = run.execute()
+        clean = True
+        return outcome
     except Fenced:
         logger.info("job %s attempt %s: fenced out (cancelled or reaped) while %s; stopped", job.id, job.attempt, run.stage)
         return "fenced"
@@ -99,7 +105,9 @@ def _run_claimed(job: Job) -> str:
         services.job_attempt_failed(job_id=job.id, attempt=job.attempt, error=error, oom=oom)
         return "failed"
     finally:
-        run.release_model()
+        # A run stopped inside whisper may leave hooks on the model (word alignment installs
+        # some without try/finally): only a model that finished cleanly stays cached.
+        run.release_model(discard=not clean)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -115,7 +123,7 @@ class Run:
 
     def __init__(self, job: Job, conf: SchedulerSettings):
         self.job, self.conf = job, conf
-        self.heartbeat: Heartbeat | None = None
+        self.watchdog: Watchdog | None = None
         self.device = model_cache.torch_device(job.device) if job.device else "cpu"
         self.checkpoint = None
         self.stage = "loading"  # for the logs: where a stop happened
@@ -126,10 +134,9 @@ class Run:
         self.fence(services.job_start_processing(job_id=self.job.id, attempt=self.job.attempt, load_seconds=load_seconds))
         started = time.monotonic()
         for audio in self.job.files.order_by("position"):
-            if audio.state == AudioFile.State.COMPLETED:
-                continue  # finished by an earlier attempt: results are saved as they come
+            if audio.state in (AudioFile.State.COMPLETED, AudioFile.State.FAILED):
+                continue  # settled by an earlier attempt: results are saved as they come
             self.transcribe_file(model, audio)
-        del model
         self.stage = "completing"
         self.fence(services.job_complete(job_id=self.job.id, attempt=self.job.attempt, transcribe_seconds=time.monotonic() - started))
         return "completed"
@@ -139,8 +146,8 @@ class Run:
             raise Fenced()
 
     def check(self) -> None:
-        """Between steps and from the progress hook: stop as soon as the run is no longer ours."""
-        if self.heartbeat and self.heartbeat.fenced.is_set():
+        """Called before every decoder step: stop as soon as the run is no longer ours or overdue."""
+        if self.watchdog and self.watchdog.fenced.is_set():
             raise Fenced()
         if timezone.now() > self.deadline:
             raise TimedOut(f"Timed out: the job ran longer than the task timeout ({self.conf.task_timeout_s} s)")
@@ -158,9 +165,9 @@ class Run:
         self.check()
         return model, seconds
 
-    def release_model(self) -> None:
+    def release_model(self, *, discard: bool) -> None:
         if self.checkpoint is not None:
-            model_cache.model_put_back(checkpoint=self.checkpoint, device=self.device)
+            model_cache.model_put_back(checkpoint=self.checkpoint, device=self.device, discard=discard)
 
     def transcribe_file(self, model, audio: AudioFile) -> None:
         self.check()
@@ -175,7 +182,7 @@ class Run:
             self.fence(services.job_file_failed(**ids, error=str(exc)))
             return
         reporter = ProgressReporter(self, audio.id)
-        with whisper_progress(reporter.update):
+        with whisper_hooks(model, on_progress=reporter.update, on_step=self.check):
             result = model.transcribe(samples, **self.decode_options())
         self.fence(services.job_file_completed(**ids, result=result_for_storage(result, samples), seconds=time.monotonic() - started))
 
@@ -188,7 +195,7 @@ class Run:
             initial_prompt=job.initial_prompt or None,
             word_timestamps=job.word_timestamps,
             fp16=self.device.startswith("cuda"),
-            verbose=None,  # no console output, no bar drawn; whisper_progress still sees the updates
+            verbose=None,  # no console output, no bar drawn; whisper_hooks still sees the updates
         )
         if job.temperature == 0:  # whisper ignores beams when sampling
             options["beam_size"] = job.beam_size
@@ -200,14 +207,15 @@ class ProgressReporter:
 
     def __init__(self, run: Run, file_id: int):
         self.run, self.file_id = run, file_id
-        self.last_write = 0.0
+        self.last_write = time.monotonic()  # the file's 0 % was just written
+        run.stage = f"transcribing file {file_id} at 0%"
 
     def update(self, fraction: float) -> None:
         self.run.stage = f"transcribing file {self.file_id} at {fraction:.0%}"
         self.run.check()
         now = time.monotonic()
         if now - self.last_write < PROGRESS_INTERVAL_S or fraction >= 1:
-            return  # the file's completion write follows at once
+            return  # throttled; the file's completion write follows at once
         self.last_write = now
         job = self.run.job
         self.run.fence(
@@ -216,13 +224,14 @@ class ProgressReporter:
 
 
 @contextmanager
-def whisper_progress(callback):
-    """Call callback(fraction) each time whisper's transcribe loop advances.
+def whisper_hooks(model, *, on_progress, on_step):
+    """Call on_progress(fraction) as whisper's transcribe loop advances, on_step() before each decoder pass.
 
-    openai-whisper has no progress callback, only a tqdm bar over the audio frames. We swap
-    the `tqdm` name inside whisper.transcribe's module for a namespace whose bar reports to
-    `callback`; other tqdm users in the process are untouched. An exception raised by the
-    callback (Fenced, TimedOut) leaves transcribe() at once.
+    openai-whisper has no progress callback, only a tqdm bar over the audio frames (one update
+    per 30 s window). We swap the `tqdm` name inside whisper.transcribe's module for a namespace
+    whose bar reports to on_progress; other tqdm users in the process are untouched. The
+    decoder pre-hook runs once per generated token, so an exception raised by on_step (Fenced,
+    TimedOut) leaves transcribe() within one token, not one window.
     """
     import tqdm
 
@@ -233,13 +242,15 @@ def whisper_progress(callback):
             super().update(n)
             self.done = getattr(self, "done", 0) + n
             if self.total:
-                callback(min(1.0, self.done / self.total))
+                on_progress(min(1.0, self.done / self.total))
 
     original = module.tqdm
     module.tqdm = type("tqdm_namespace", (), {"tqdm": Bar})
+    handle = model.decoder.register_forward_pre_hook(lambda module, args: on_step())
     try:
         yield
     finally:
+        handle.remove()
         module.tqdm = original
 
 
@@ -275,14 +286,20 @@ def result_for_storage(result: dict, samples) -> dict:
     return json.loads(json.dumps(stored, default=float))
 
 
-class Heartbeat:
-    """Renews the job's lease every heartbeat_s from a thread; sets `fenced` when refused."""
+def job_still_ours(*, job_id: int, attempt: int) -> bool:
+    return Job.objects.filter(id=job_id, attempt=attempt, state__in=Job.ACTIVE_STATES).exists()
 
-    def __init__(self, *, job_id: int, attempt: int, interval_s: float):
-        self.job_id, self.attempt, self.interval_s = job_id, attempt, interval_s
+
+class Watchdog:
+    """A thread beside the run: renews the lease every heartbeat_s and, in between, checks every
+    FENCE_POLL_S that the job is still ours. Sets `fenced` when either says no."""
+
+    def __init__(self, *, job_id: int, attempt: int, heartbeat_s: float):
+        self.ids = dict(job_id=job_id, attempt=attempt)
+        self.heartbeat_s = heartbeat_s
         self.fenced = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-job-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"watchdog-job-{job_id}", daemon=True)
 
     def __enter__(self):
         self._thread.start()
@@ -293,20 +310,25 @@ class Heartbeat:
         self._thread.join()
 
     def _loop(self) -> None:
+        next_beat = 0.0  # the first beat goes at once: the lease was granted at dispatch
         try:
-            # The first beat goes at once: the lease was granted at dispatch, maybe a while ago.
             while not self._stop.is_set():
-                if not self._beat():
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.heartbeat_s
+                    ours = self._ask(services.job_heartbeat)
+                else:
+                    ours = self._ask(job_still_ours)
+                if not ours:
                     self.fenced.set()
                     return
-                self._stop.wait(self.interval_s)
+                self._stop.wait(min(FENCE_POLL_S, self.heartbeat_s))
         finally:
             connection.close()  # this thread's own connection
 
-    def _beat(self) -> bool:
+    def _ask(self, question) -> bool:
         try:
-            return services.job_heartbeat(job_id=self.job_id, attempt=self.attempt)
+            return question(**self.ids)
         except Exception:  # a database hiccup: a later beat may get through before the lease lapses
-            logger.exception("job %s: heartbeat failed", self.job_id)
+            logger.exception("job %s: watchdog query failed", self.ids["job_id"])
             close_old_connections()
             return True

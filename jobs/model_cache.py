@@ -62,12 +62,12 @@ def model_get(*, checkpoint: Path, device: str, pin: bool = False) -> tuple[obje
     return model, seconds, False
 
 
-def model_put_back(*, checkpoint: Path, device: str) -> None:
-    """The job is done with the model: keep it if preloaded, else free its memory now."""
+def model_put_back(*, checkpoint: Path, device: str, discard: bool = False) -> None:
+    """The job is done with the model: keep it if preloaded (and not `discard`), else free its memory now."""
     key = (str(checkpoint), device)
     with _lock:
         loaded = _cache.get(key)
-        if loaded and not loaded.pinned:
+        if loaded and (discard or not loaded.pinned):
             del _cache[key]
     del loaded
     device_empty_cache(device)

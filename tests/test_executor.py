@@ -120,8 +120,9 @@ def test_speech_job_runs_from_pending_to_completed(cluster, alice, tiny_model, s
 
 
 def test_cancel_while_processing_stops_the_worker_and_frees_the_memory(cluster, alice, speak):
-    job = submit(alice, padded(speak(FOX), 300))
-    wait_for(lambda: AudioFile.objects.filter(job=job, progress__gt=0).exists(), what="progress", cluster=cluster)
+    job = submit(alice, padded(speak(FOX), 60))
+    in_file = AudioFile.objects.filter(job=job, state=AudioFile.State.PROCESSING)
+    wait_for(in_file.exists, what="the file to start", cluster=cluster)
 
     services.job_cancel(job=job)
 
@@ -141,7 +142,7 @@ def test_cancel_while_processing_stops_the_worker_and_frees_the_memory(cluster, 
 
 def test_killed_worker_job_completes_exactly_once(cluster, alice, speak):
     SchedulerSettings.objects.filter(pk=1).update(lease_s=3, heartbeat_s=1)
-    job = submit(alice, padded(speak(FOX), 65))
+    job = submit(alice, speak(f"{FOX} {WEATHER}"))
     wait_for(lambda: job_state(job.id) == Job.State.PROCESSING, what="processing", cluster=cluster)
 
     os.kill(cluster.job_worker_pid(job.id), signal.SIGKILL)
@@ -157,7 +158,7 @@ def test_killed_worker_job_completes_exactly_once(cluster, alice, speak):
     assert job.state == Job.State.COMPLETED, job.error
     assert job.attempt == 2 and job.failures == 1
     assert history(job.id).count(("processing", "completed")) == 1
-    assert wer(FOX, job.files.get().text) <= WER_BOUND
+    assert wer(f"{FOX} {WEATHER}", job.files.get().text) <= WER_BOUND
     assert active_allocations(job.id) == 0
     assert list(Allocation.objects.filter(job=job).order_by("id").values_list("attempt", "release_reason")) == [
         (1, "lease expired"),
