@@ -428,3 +428,40 @@ def test_the_pending_queue_has_positions_and_start_estimates(alice, device):
     assert queue[0].estimated_start >= running.started_at + timedelta(seconds=60)
     assert queue[1].estimated_start == queue[0].estimated_start + timedelta(seconds=30 + 5)
     assert queue[2].estimated_start is None
+
+
+# --- Admin ---
+
+
+@pytest.fixture
+def admin_client(client, db):
+    from django.contrib.auth import get_user_model
+
+    client.force_login(get_user_model().objects.create_superuser("root", "root@example.com", "x"))
+    return client
+
+
+def test_admin_lists_jobs_and_cancels_through_the_service(admin_client, alice, device):
+    job = placed(make_job(alice))
+
+    assert admin_client.get("/admin/jobs/job/").status_code == 200
+    page = admin_client.get(f"/admin/jobs/job/{job.id}/change/")
+    assert page.status_code == 200 and "placed on" in page.content.decode()  # the event history inline
+    admin_client.post("/admin/jobs/job/", {"action": "cancel_selected", "_selected_action": [job.id]})
+
+    assert state_of_job(job) == State.CANCELLED
+    assert active_allocations(job) == []
+
+
+def test_admin_delete_removes_the_files_too(admin_client, alice, model, device, settings, django_capture_on_commit_callbacks):
+    job = services.job_create(user=alice, files=[upload()], model_name="tiny.en")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(f"/admin/jobs/job/{job.id}/delete/", {"post": "yes"})
+
+    assert response.status_code == 302
+    assert not Job.objects.exists() and media_files(settings) == []
+
+
+def state_of_job(job) -> str:
+    return Job.objects.values_list("state", flat=True).get(id=job.id)
