@@ -707,3 +707,61 @@ def test_dashboard_follows_a_job_live_in_a_real_browser(browser_page, pool, tiny
     wait_for(page, ALLOCATED_IS, [pool.pk, 0], "the reservation is gone from the card")
     wait_for(page, NOT_RUNNING, job.pk, "the job left the running list")
     assert page.evaluate("window.__sameDocument") is True, "no reload happened"
+
+
+RECORD_JS = """(deviceId) => {
+  // Everything the page showed, sampled every 25 ms: what a person watching would have seen.
+  window.__seen = { allocated: [], running: [] };
+  setInterval(() => {
+    const card = document.querySelector(`[data-device-id="${deviceId}"]`);
+    if (card) window.__seen.allocated.push(card.dataset.allocatedMb);
+    document.querySelectorAll("#running tr[data-job-id]").forEach((tr) => {
+      window.__seen.running.push(tr.dataset.jobId + " " + tr.querySelector('[data-role="state"]').textContent
+        + " " + tr.querySelector('[data-role="progress-text"]').textContent);
+    });
+  }, 25);
+}"""
+
+
+@pytest.mark.browser
+@pytest.mark.qcluster
+def test_dashboard_follows_a_real_transcription_in_a_real_browser(pool, tiny_model, request, speak, alice):
+    """The whole pipeline: alice submits through the portal, the real qcluster transcribes with
+    tiny.en, and the staff page open all along shows the reservation and the job, then their end."""
+    import time
+
+    tiny_model.preload = True  # the workers load it at start, so the job runs in seconds
+    tiny_model.save(update_fields=["preload"])
+    cluster = request.getfixturevalue("qcluster")
+    page = request.getfixturevalue("browser_page")
+    page.evaluate(RECORD_JS, pool.pk)
+
+    alice_client = Client()
+    alice_client.force_login(alice)
+    # Two files: whisper counts progress in 30 s windows, so a short clip jumps from 0 to 100 %;
+    # a job of two files shows its progress move when the first one is done.
+    wavs = [
+        SimpleUploadedFile(f"fox{i}.wav", speak(text).read_bytes(), content_type="audio/wav")
+        for i, text in enumerate(["the quick brown fox jumps over the lazy dog", "and then it runs far away into the forest"])
+    ]
+    response = alice_client.post("/jobs/new/", {"files": wavs, "model": "tiny.en", "task": "transcribe", "priority": "normal"})
+    assert response.status_code == 302, response.content[:500]
+    job = Job.objects.get(user=alice)
+
+    deadline = time.monotonic() + 120
+    while Job.objects.get(pk=job.pk).state not in Job.FINAL_STATES:
+        assert time.monotonic() < deadline, f"job did not finish:\n{cluster.output()[-3000:]}"
+        page.wait_for_timeout(100)  # lets the page (and this process's live sends) run meanwhile
+    job.refresh_from_db()
+    assert job.state == Job.State.COMPLETED, job.error
+
+    wait_for(page, ALLOCATED_IS, [pool.pk, 0], "the reservation is gone from the card")
+    wait_for(page, NOT_RUNNING, job.pk, "the job left the running list")
+    seen = page.evaluate("window.__seen")
+    assert "1536" in seen["allocated"], "the card showed the job's 1.5 GiB reservation while it ran"
+    shown = [line for line in seen["running"] if line.startswith(f"{job.pk} ")]
+    assert shown, "the job appeared among the running jobs"
+    assert any(" processing " in line for line in shown), f"the job's stage was shown: {sorted(set(shown))}"
+    progress = {line.rsplit(" ", 1)[1] for line in shown}
+    assert progress - {"0%"}, f"the job's progress moved on the page: {sorted(set(shown))}"
+    assert page.evaluate("window.__sameDocument") is True, "no reload happened"
