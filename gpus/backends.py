@@ -244,7 +244,7 @@ class SimulatedBackend(DeviceBackend):
         ]
 
     def telemetry(self) -> list[DeviceTelemetry]:
-        from gpus.services import devices_with_allocated
+        from gpus.services import devices_with_allocated  # here: bench/nvml_check.py imports this module without apps
 
         uuids = [self.device_uuid(index) for index in range(len(self.totals_mb))]
         rows = devices_with_allocated().filter(uuid__in=uuids).annotate(

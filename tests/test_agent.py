@@ -195,13 +195,15 @@ def test_our_workers_are_recognised_by_their_qcluster_ancestor():
         "time.sleep(60)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script, "manage.py", "qcluster"], stdout=subprocess.PIPE, text=True)
+    child_pid = None
     try:
         child_pid = int(parent.stdout.readline())
         ours = backends.own_pids()
         assert {parent.pid, child_pid} <= ours
         assert os.getpid() not in ours
     finally:
-        subprocess.run(["pkill", "-P", str(parent.pid)], check=False)
+        if child_pid:
+            os.kill(child_pid, signal.SIGKILL)
         parent.kill()
         parent.wait()
 
