@@ -31,7 +31,7 @@ from jobs.outputs import result_render
 OPENAI_ALIAS = "whisper-1"
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 POLL_S = 0.2
-SEGMENT_KEYS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")
+SEGMENT_KEYS = ("id", "seek", "start", "end", "text", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")
 
 
 class OpenAIError(Exception):
@@ -132,7 +132,7 @@ def _job_submit(request, task: str) -> tuple[int, dict]:
             source=Job.Source.OPENAI,
         )
     except services.JobInputError as exc:
-        param = {"files": "file", "model_name": "model", "initial_prompt": "prompt"}.get(exc.field, exc.field)
+        param = {"files": "file", "task": "model", "initial_prompt": "prompt"}.get(exc.field, exc.field)
         raise OpenAIError(400, exc.message, param=param, code="invalid_value") from None
     return job.pk, {"format": values["response_format"], "granularities": granularities, "task": task}
 
@@ -177,7 +177,11 @@ def _verbose(result: dict, audio, options: dict) -> dict:
         "text": result["text"].strip(),
     }
     if "segment" in options["granularities"]:
-        body["segments"] = [{key: segment[key] for key in SEGMENT_KEYS} for segment in result["segments"]]
+        # The stored result may leave out token ids (they mean nothing outside the model's tokenizer).
+        body["segments"] = [
+            {**{key: segment[key] for key in SEGMENT_KEYS}, "tokens": segment.get("tokens", [])}
+            for segment in result["segments"]
+        ]
     if "word" in options["granularities"]:
         body["words"] = [
             {"word": word["word"].strip(), "start": word["start"], "end": word["end"]}
