@@ -636,34 +636,45 @@ def _wait_for_other_sessions_to_end(connection, timeout_s: float = 10) -> None:
 
 
 @pytest.fixture
-def browser_page(daphne_url, charlie, monkeypatch):
-    """Chromium with charlie (staff) logged in, on the dashboard, its socket live."""
+def browser(daphne_url, monkeypatch):
+    """Headless Chromium; browser.page_for(user, path) opens a page logged in as that user."""
     from playwright.sync_api import sync_playwright
 
     # Playwright's sync API keeps an event loop on this thread; the test's own ORM calls are
     # still plain synchronous code, which Django would otherwise refuse next to a loop.
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    client = Client()
-    client.force_login(charlie)
+    errors = []
+
+    def page_for(user, path: str):
+        client = Client()
+        client.force_login(user)
+        context = chromium.new_context()
+        context.add_cookies([{"name": "sessionid", "value": client.cookies["sessionid"].value, "url": daphne_url}])
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(daphne_url + path)
+        page.evaluate("window.__sameDocument = true")  # survives only if the page is never reloaded
+        return page
+
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        chromium = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        chromium.page_for = page_for
         try:
-            context = browser.new_context()
-            context.add_cookies([{"name": "sessionid", "value": client.cookies["sessionid"].value, "url": daphne_url}])
-            page = context.new_page()
-            errors = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(daphne_url + "/dashboard/")
-            page.wait_for_selector('#dashboard[data-connection="live"]', timeout=15000)
-            # Survives only if the page is never reloaded.
-            page.evaluate("window.__sameDocument = true")
-            yield page
-            assert errors == [], f"JavaScript errors on the dashboard: {errors}"
+            yield chromium
+            assert errors == [], f"JavaScript errors: {errors}"
         finally:
-            browser.close()
+            chromium.close()
             # Inside sync_playwright the test ran in another context, hence on its own database
             # connection: close it here, or it outlives the test and blocks dropping the test database.
             connections.close_all()
+
+
+@pytest.fixture
+def browser_page(browser, charlie):
+    """The dashboard, open in Chromium as charlie (staff), its socket live."""
+    page = browser.page_for(charlie, "/dashboard/")
+    page.wait_for_selector('#dashboard[data-connection="live"]', timeout=15000)
+    return page
 
 
 def card_allocated(page, device) -> str:
@@ -765,3 +776,21 @@ def test_dashboard_follows_a_real_transcription_in_a_real_browser(pool, tiny_mod
     progress = {line.rsplit(" ", 1)[1] for line in shown}
     assert progress - {"0%"}, f"the job's progress moved on the page: {sorted(set(shown))}"
     assert page.evaluate("window.__sameDocument") is True, "no reload happened"
+
+
+@pytest.mark.browser
+def test_job_list_and_job_page_update_live_for_their_owner(browser, submit, alice):
+    job = submit(alice)
+    detail = browser.page_for(alice, f"/jobs/{job.pk}/")
+    listing = browser.page_for(alice, "/jobs/")
+    for page in (detail, listing):
+        page.wait_for_function("window.jobSocketConnected === true", timeout=15000)
+    start_processing(job, 0.4)
+    detail.wait_for_function(
+        "document.querySelector('#job [data-role=\"progress\"]').title === '40%'", timeout=10000
+    )
+    listing.wait_for_function(
+        f"document.querySelector('#job-list tr[data-job-id=\"{job.pk}\"]').dataset.state === 'processing'", timeout=10000
+    )
+    for page in (detail, listing):
+        assert page.evaluate("window.__sameDocument") is True, "updated by the socket, not by a reload"
