@@ -17,6 +17,7 @@ from django.db import close_old_connections, transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
+from gpus import alerts
 from gpus.backends import DeviceBackend, DeviceInfo, backend_from_settings
 from gpus.models import Device, Node
 from jobs.models import SchedulerSettings
@@ -169,6 +170,8 @@ class Agent:
         did = False
         if time.monotonic() >= self.next_report:
             self._guarded("telemetry", self.report)
+            # Due once per alerts.EVALUATE_EVERY across all nodes; it never raises, never waits on a webhook.
+            self._guarded("alerts", alerts.evaluate_due)
             self.next_report = time.monotonic() + self.interval_s
             did = True
         if time.monotonic() >= self.next_sweep:

@@ -423,6 +423,19 @@ def test_evaluate_due_runs_once_per_interval_and_records_a_sample(queue_rule, al
     assert list(MetricSample.objects.values_list("queue_length", flat=True)) == [4, 4]
 
 
+def test_the_gpu_agent_loop_runs_the_evaluator(db, alice):
+    from gpus.agent import Agent
+    from gpus.backends import SimulatedBackend
+    from gpus.models import Alert, AlertRule, MetricSample
+
+    AlertRule.objects.update(enabled=False)
+    AlertRule.objects.create(name="Any queue", metric="queue_length", comparison="ge", threshold=1, duration_s=0)
+    make_pending(alice, 1)
+    Agent(backend=SimulatedBackend(node_name="n-alerts", totals_mb=[4096]), node_name="n-alerts").run_once()
+    assert MetricSample.objects.count() == 1
+    assert Alert.objects.get().state == Alert.State.FIRING
+
+
 def test_seeded_rules_are_the_seeds_defaults(db):
     import importlib
 
