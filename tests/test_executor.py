@@ -1,184 +1,27 @@
-"""The executor: real openai-whisper (tiny.en) on real espeak-ng speech, through the real qcluster.
+"""The executor, one run at a time in this process: real openai-whisper (tiny.en) on real speech.
 
-Tests about the queue (a job from submission to completion, cancel, a killed worker, a task
-delivered twice) run a `manage.py qcluster` subprocess on the test database. Tests about one
-run's inner steps (progress, an undecodable file, out of memory, timeout) call the q2 task
-function in this process, after the real dispatcher placed the job.
+The real dispatcher places each job (loading, attempt 1, memory reserved); the test then calls
+the q2 task function itself, as a worker would. tests/test_e2e_qcluster.py runs the same task
+through the real qcluster.
 """
 
 import os
-import re
-import signal
-import subprocess
-import time
 from datetime import timedelta
 
 import pytest
 import torch
-from django.conf import settings
-from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
-from django_q.models import Task
-from django_q.tasks import async_task
 
-from gpus.models import Allocation, Device, Node
-from jobs import dispatch, executor, services
-from jobs.models import AudioFile, Job, JobEvent, SchedulerSettings
+from gpus.models import Allocation
+from jobs import services
+from jobs.models import AudioFile, Job, SchedulerSettings
 from jobs.tasks import run_job
+from tests.executor_helpers import FOX, WEATHER, WER_BOUND, active_allocations, history, padded, submit
+from tests.portal_fixtures import cpu_device  # noqa: F401
 from tests.wer import wer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-FOX = "The quick brown fox jumps over the lazy dog."
-WEATHER = "It is going to rain tomorrow afternoon."
-WER_BOUND = 0.35
-DECODE = {"beam_size": 5, "temperature": 0.0}  # greedy tiny.en is badly wrong on synthetic speech
-
-
-@pytest.fixture
-def cpu_device(transactional_db, settings):
-    """This machine as one CPU device with 8 GiB for WhisperHub (no GPU agent runs in these tests)."""
-    settings.WHISPERHUB_NODE_OFFLINE_AFTER = 3600.0
-    node = Node.objects.create(
-        name=settings.WHISPERHUB_NODE_NAME,
-        cluster_name=settings.WHISPERHUB_CLUSTER_NAME,
-        backend="cpu",
-        started_at=timezone.now(),
-        last_seen=timezone.now(),
-    )
-    return Device.objects.create(node=node, index=0, uuid="cpu-test", name="CPU", kind=Device.Kind.CPU, total_mb=8192)
-
-
-@pytest.fixture
-def cluster(transactional_db, tiny_model, cpu_device, request):
-    """The qcluster, started once the model and device rows exist: its workers preload tiny.en."""
-    tiny_model.preload = True
-    tiny_model.save(update_fields=["preload"])
-    return request.getfixturevalue("qcluster")
-
-
-def upload(path, name=None) -> SimpleUploadedFile:
-    return SimpleUploadedFile(name or path.name, path.read_bytes(), content_type="audio/wav")
-
-
-def padded(path, seconds: float):
-    """The clip followed by silence up to `seconds`: several 30 s Whisper windows, little speech."""
-    out = path.with_name(f"{path.stem}-{int(seconds)}s.wav")
-    subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-y", "-i", str(path), "-af", f"apad=whole_dur={seconds}", str(out)], check=True
-    )
-    return out
-
-
-def submit(user, *paths, **options) -> Job:
-    return services.job_create(user=user, files=[upload(p) for p in paths], model_name="tiny.en", **{**DECODE, **options})
-
-
-def wait_for(predicate, timeout: float = 60, what: str = "condition", cluster=None, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    log = cluster.output()[-4000:] if cluster else ""
-    pytest.fail(f"timed out waiting for {what}\n{log}")
-
-
-def job_state(job_id: int) -> str:
-    return Job.objects.values_list("state", flat=True).get(id=job_id)
-
-
-def active_allocations(job_id: int) -> int:
-    return Allocation.objects.filter(job_id=job_id, released_at__isnull=True).count()
-
-
-def history(job_id: int) -> list[tuple[str, str]]:
-    return list(JobEvent.objects.filter(job_id=job_id).values_list("from_state", "to_state"))
-
-
-# --- Through the real qcluster ---------------------------------------------------------------------
-
-
-def test_speech_job_runs_from_pending_to_completed(cluster, alice, tiny_model, speak):
-    job = submit(alice, speak(FOX))
-
-    wait_for(lambda: job_state(job.id) in Job.FINAL_STATES, what="the job to finish", cluster=cluster)
-
-    job.refresh_from_db()
-    assert job.state == Job.State.COMPLETED, job.error
-    assert history(job.id) == [("", "pending"), ("pending", "loading"), ("loading", "processing"), ("processing", "completed")]
-    audio = job.files.get()
-    assert wer(FOX, audio.text) <= WER_BOUND, audio.text
-    assert audio.state == AudioFile.State.COMPLETED and audio.language == "en"
-    assert audio.result["segments"] and audio.result["duration"] == pytest.approx(audio.duration_s, abs=0.1)
-    assert job.progress == 1.0 and job.load_seconds is not None and job.transcribe_seconds > 0
-    assert active_allocations(job.id) == 0
-    # tiny.en is marked preload: the workers loaded it at start and the job found it in the cache.
-    assert "preloaded tiny.en on cpu" in cluster.output()
-    assert f"job {job.id} attempt 1: model tiny.en on cpu from cache" in cluster.output()
-
-
-def test_cancel_while_processing_stops_the_worker_and_frees_the_memory(cluster, alice, speak):
-    job = submit(alice, padded(speak(FOX), 60))
-    in_file = AudioFile.objects.filter(job=job, state=AudioFile.State.PROCESSING)
-    wait_for(in_file.exists, what="the file to start", cluster=cluster)
-
-    services.job_cancel(job=job)
-
-    assert active_allocations(job.id) == 0
-    stopped = wait_for(
-        lambda: re.search(rf"job {job.id} attempt 1: fenced out .* while transcribing file \d+ at (\d+)%", cluster.output()),
-        what="the worker to stop", cluster=cluster,
-    )
-    assert int(stopped[1]) < 100  # stopped inside the file, not after transcribing all of it
-    audio = job.files.get()
-    assert audio.result is None and audio.state != AudioFile.State.COMPLETED
-    assert job_state(job.id) == Job.State.CANCELLED
-    # The worker is free again: the next job runs.
-    second = submit(alice, speak(WEATHER))
-    wait_for(lambda: job_state(second.id) == Job.State.COMPLETED, what="the next job", cluster=cluster)
-
-
-def test_killed_worker_job_completes_exactly_once(cluster, alice, speak):
-    SchedulerSettings.objects.filter(pk=1).update(lease_s=3, heartbeat_s=1)
-    job = submit(alice, speak(f"{FOX} {WEATHER}"))
-    wait_for(lambda: job_state(job.id) == Job.State.PROCESSING, what="processing", cluster=cluster)
-
-    os.kill(cluster.job_worker_pid(job.id), signal.SIGKILL)
-
-    # No agent runs here: sweep as its loop would, until the lapsed lease is reaped and the
-    # job re-queued (after its retry backoff) and run again by the reincarnated worker.
-    def finished():
-        dispatch.sweep()
-        return job_state(job.id) in Job.FINAL_STATES
-
-    wait_for(finished, timeout=120, what="the job to finish after the kill", cluster=cluster, every=0.5)
-    job.refresh_from_db()
-    assert job.state == Job.State.COMPLETED, job.error
-    assert job.attempt == 2 and job.failures == 1
-    assert history(job.id).count(("processing", "completed")) == 1
-    assert wer(f"{FOX} {WEATHER}", job.files.get().text) <= WER_BOUND
-    assert active_allocations(job.id) == 0
-    assert list(Allocation.objects.filter(job=job).order_by("id").values_list("attempt", "release_reason")) == [
-        (1, "lease expired"),
-        (2, "completed"),
-    ]
-
-
-def test_a_task_delivered_twice_runs_once(cluster, alice, speak):
-    job = submit(alice, speak(FOX))
-    # The dispatcher enqueued it once; q2 redelivering it is another copy of the same task.
-    async_task("jobs.tasks.run_job", job.id, 1, cluster=settings.WHISPERHUB_CLUSTER_NAME, task_name=f"job-{job.id}-1-again")
-
-    wait_for(lambda: Task.objects.filter(func="jobs.tasks.run_job").count() == 2, what="both copies", cluster=cluster)
-    assert sorted(Task.objects.values_list("result", flat=True)) in (["completed", "duplicate"], ["completed", "stale"])
-    assert job_state(job.id) == Job.State.COMPLETED
-    assert history(job.id).count(("loading", "processing")) == 1
-    assert run_job(job.id, 1) == "stale"  # and once more, long after
-
-
-# --- One run, in this process --------------------------------------------------------------------
 
 
 @pytest.fixture
