@@ -7,7 +7,8 @@ ledger too; on a GPU the agent sees them as used memory, which is why they are l
 when the device has room to spare (the seed's 1.2× rule).
 
 torch and whisper are imported inside the functions: the qcluster parent imports this module
-(to connect the worker-start signal) and must never initialise CUDA before it forks.
+(to connect the worker-start signal) and must never initialise CUDA before it forks. Django is
+too, so that bench/executor_gpu_check.py can load models the same way on a machine without it.
 """
 
 import logging
@@ -15,8 +16,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from django.conf import settings
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +91,8 @@ def models_preload() -> list[tuple[str, str]]:
     Each model goes to the device of this node with the most memory available; CPU-backed
     devices (cpu, simulated) share the one "cpu" torch device, so a model loads there once.
     """
+    from django.conf import settings
+
     from gpus.models import Device
     from gpus.services import device_grantable, memory_figures
     from jobs.models import WhisperModel
