@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 EVALUATE_EVERY = timedelta(seconds=10)
 MAX_GAP = timedelta(minutes=2)
 SAMPLES_KEPT = timedelta(days=1)
-EMAIL_TIMEOUT_S = 10
+EMAIL_TIMEOUT_S = 5  # the agent's telemetry loop waits at most this per message in an SMTP outage
 WEBHOOK_TIMEOUT_S = 5
 WEBHOOK_BACKOFF_S = (1, 3, 9)  # waits between the 4 attempts
 _ADVISORY_LOCK = 0x57484150  # "WHAP": one evaluator at a time across nodes

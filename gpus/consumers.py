@@ -6,6 +6,7 @@ is read once then, so a busy pool costs a few reads per second per socket, not o
 """
 
 import asyncio
+import logging
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -14,6 +15,8 @@ from django.utils import timezone
 from gpus import dashboard
 from jobs.models import Job
 from whisperhub import live
+
+logger = logging.getLogger(__name__)
 
 THROTTLE_S = 0.2
 CLOSE_UNAUTHENTICATED = 4401
@@ -74,11 +77,19 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
         parts, job_ids = self.dirty, self.dirty_jobs
         self.dirty, self.dirty_jobs = set(), set()
         self.flush_task = None
-        for message in await database_sync_to_async(_messages)(parts, job_ids, self.job_states):
+        try:
+            messages = await database_sync_to_async(_messages)(parts, job_ids, self.job_states)
+        except Exception:  # noqa: BLE001 - database away for a moment: ask the page to resync later
+            logger.warning("dashboard refresh failed; sending a full snapshot at the next event", exc_info=True)
+            self.dirty.add("snapshot")
+            return
+        for message in messages:
             await self.send_json(message)
 
 
 def _messages(parts: set[str], job_ids: set[int], job_states: dict[int, str]) -> list[dict]:
+    if "snapshot" in parts:
+        return [dashboard.dashboard_snapshot()]
     now = timezone.now()
     messages = []
     if job_ids:
