@@ -3,10 +3,11 @@
 A request becomes an ordinary job (source "openai": visible in the portal, placed by the
 ledger like any other) and the response waits for it to finish.
 
-The audio views are async on purpose: Django runs every sync view of an ASGI server on ONE
-shared thread (sync_to_async with thread_sensitive=True), so a sync view waiting minutes for
-a transcription would stall every other page. Here only short steps (authenticate, create
-the job, one state read per poll, render) hop to that thread; the waiting is an asyncio sleep.
+The audio views are async so that a request waiting minutes for its transcription holds no
+thread: under ASGI, Django runs a sync view on a thread of its own for the request's whole
+life, so many clients waiting at once would pin as many threads. Here only short steps
+(authenticate, create the job, one state read per poll, render) run on a thread; the waiting
+is an asyncio sleep.
 """
 
 import asyncio

@@ -5,11 +5,12 @@ import time
 
 import openai
 import pytest
+import requests
 from rest_framework.authtoken.models import Token
 
 from jobs.models import Job
 from jobs.services import job_cancel
-from tests.portal_fixtures import cluster, cpu_device  # noqa: F401
+from tests.portal_fixtures import cluster, cpu_device, daphne  # noqa: F401
 from tests.wer import wer
 
 SENTENCE = "the quick brown fox jumps over the lazy dog"
@@ -151,3 +152,37 @@ def test_a_job_that_ends_without_a_result_answers_422_with_the_reason(transactio
     error = outcome["error"]
     assert error.status_code == 422 and error_of(error)["code"] == "job_cancelled"
     assert "cancelled" in error_of(error)["message"]
+
+
+def test_under_daphne_a_waiting_request_leaves_the_server_free_and_ends_with_its_job(daphne, alice, tiny_model, fox):
+    """The async view on the production server (live_server above is WSGI): other requests are
+    served while one waits for its job, and the wait ends when the job does."""
+    key = Token.objects.get(user=alice).key
+    outcome = {}
+
+    def transcribe():
+        with fox.open("rb") as fh:
+            outcome["response"] = requests.post(
+                daphne + "/v1/audio/transcriptions",
+                headers={"Authorization": f"Bearer {key}"},
+                files={"file": ("fox.wav", fh, "audio/wav")},
+                data={"model": "whisper-1", "response_format": "text"},
+                timeout=120,
+            )
+
+    thread = threading.Thread(target=transcribe)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not Job.objects.filter(user=alice).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job = Job.objects.get(user=alice)  # no device is registered here: it waits in the queue
+
+    for _ in range(3):
+        answer = requests.get(daphne + "/api/models/", headers={"Authorization": f"Token {key}"}, timeout=20)
+        assert answer.status_code == 200 and answer.json()[0]["name"] == "tiny.en"
+    assert thread.is_alive()
+
+    job_cancel(job=job)
+    thread.join(timeout=30)
+    response = outcome["response"]
+    assert response.status_code == 422 and response.json()["error"]["code"] == "job_cancelled"
