@@ -6,7 +6,7 @@ from django.http import HttpResponse
 from django.urls import reverse
 from django.utils.http import content_disposition_header
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_serializer
-from rest_framework import serializers, status
+from rest_framework import exceptions, serializers, status
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
@@ -47,12 +47,18 @@ def too_many_files_response() -> Response:
 
 
 class UploadLimitsMixin:
-    """Django refuses an upload with too many parts by raising, which would become an HTML 400:
-    answer it in the API's JSON shape instead, naming the field."""
+    """Refusals of the request body itself, answered in the API's JSON shape naming the field.
+
+    Django refuses an upload with too many parts by raising (an HTML 400 otherwise); DRF's
+    answer to a body that is neither multipart nor JSON names no field.
+    """
 
     def handle_exception(self, exc):
         if isinstance(exc, (TooManyFilesSent, RequestDataTooBig)):
             return too_many_files_response()
+        if isinstance(exc, exceptions.UnsupportedMediaType):
+            message = f"Send the audio as multipart/form-data field 'files', not {self.request.content_type or 'an empty body'}."
+            return Response({"files": [message]}, status=status.HTTP_415_UNSUPPORTED_MEDIA_TYPE)
         return super().handle_exception(exc)
 
 
@@ -138,7 +144,7 @@ class JobListApi(UploadLimitsMixin, APIView):
             error_messages={"required": "No file: send the audio as multipart/form-data field 'files' (repeat it for several)."},
         )
         model = serializers.CharField(default=settings.WHISPERHUB_DEFAULT_MODEL)
-        language = serializers.ChoiceField(choices=[""] + sorted(LANGUAGES), default="", allow_blank=True)
+        language = serializers.ChoiceField(choices=["", "auto"] + sorted(LANGUAGES), default="", allow_blank=True)
         task = serializers.ChoiceField(choices=Job.Task.choices, default=Job.Task.TRANSCRIBE)
         priority = serializers.ChoiceField(choices=Job.Priority.choices, default=Job.Priority.NORMAL)
         temperature = serializers.FloatField(default=0.0, min_value=0.0, max_value=1.0)

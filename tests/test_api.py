@@ -162,6 +162,18 @@ def test_a_json_body_is_told_to_send_multipart(alice_api, tiny_model):
     assert "multipart/form-data" in response.json()["files"][0]
 
 
+def test_another_body_type_is_refused_naming_the_field(alice_api, tiny_model):
+    response = alice_api.post("/api/jobs/", b"RIFF....", content_type="audio/wav")
+    assert response.status_code == 415
+    assert "multipart/form-data" in response.json()["files"][0]
+    assert not Job.objects.exists()
+
+
+def test_language_auto_means_detect(alice_api, tiny_model, wav_bytes):
+    response = post_job(alice_api, [upload(wav_bytes)], model="tiny.en", language="auto")
+    assert response.status_code == 201 and response.json()["language"] == ""
+
+
 def test_submissions_are_rate_limited_per_user(alice_api, bob_api, tiny_model, wav_bytes, monkeypatch):
     monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"submit": "2/hour"})
     codes = [post_job(alice_api, [upload(wav_bytes)], model="tiny.en").status_code for _ in range(3)]
