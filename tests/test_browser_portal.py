@@ -4,6 +4,8 @@ The live server here is pytest-django's (WSGI, no websockets), so the job page f
 through its polling fallback; the job itself goes through the real qcluster and real Whisper.
 """
 
+import base64
+
 import pytest
 from django.db import connections
 
@@ -46,8 +48,19 @@ def test_upload_watch_and_download_in_a_real_browser(cluster, live_server, alice
             page.wait_for_url("**/jobs/")
 
             page.goto(live_server.url + "/jobs/new/")
-            page.set_input_files("input[type=file]", str(audio))
-            assert "16k.wav" in page.inner_text("#file-list")
+            # Dropped onto the drop zone, as a user dragging the file from their desktop would.
+            dropped = page.evaluate_handle(
+                """([b64, name]) => {
+                    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                    const transfer = new DataTransfer();
+                    transfer.items.add(new File([bytes], name, { type: "audio/wav" }));
+                    return transfer;
+                }""",
+                [base64.b64encode(audio.read_bytes()).decode(), "Fox story.wav"],
+            )
+            page.dispatch_event("#dropzone", "drop", {"dataTransfer": dropped})
+            assert "Fox story.wav" in page.inner_text("#file-list")
+            assert page.eval_on_selector("input[type=file]", "input => input.files.length") == 1
             page.select_option("#id_language", "en")
             # The page's script uploads with XMLHttpRequest (for the progress bar), then opens the job.
             with page.expect_request(lambda r: r.method == "POST" and r.headers.get("x-requested-with") == "XMLHttpRequest"):
@@ -62,7 +75,7 @@ def test_upload_watch_and_download_in_a_real_browser(cluster, live_server, alice
             with page.expect_download() as caught:
                 page.click('[data-role="downloads"] a:text-is("srt")')
             download = caught.value
-            assert download.suggested_filename.endswith("16k.srt")
+            assert download.suggested_filename == "Fox story.srt"
             srt = tmp_path / "result.srt"
             download.save_as(srt)
         finally:
