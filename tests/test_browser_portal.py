@@ -1,4 +1,4 @@
-"""One run of the portal in a real headless Chromium: log in, upload, watch the job finish, download.
+"""One run of the portal in a real headless Chromium: log in, drop a file, watch the job finish, download.
 
 The live server here is pytest-django's (WSGI, no websockets), so the job page follows the job
 through its polling fallback; the job itself goes through the real qcluster and real Whisper.
