@@ -235,3 +235,59 @@ def qcluster(workers: int, log_path: Path, task_starts: Path | None = None):
             except ProcessLookupError:
                 pass
             proc.wait()
+
+
+# --- WhisperHub jobs on a real qcluster ----------------------------------------------------------
+
+
+def cpu_node_device(*, total_mb: int = 8192):
+    """This machine as one CPU device: where the benchmark's real transcriptions run."""
+    from gpus.models import Device
+
+    return make_device(local_node(), 0, total_mb=total_mb, kind=Device.Kind.CPU)
+
+
+def submit(user, path: Path, **options) -> tuple:
+    """job_create through the real service; returns (job, call start, commit time)."""
+    from django.db import transaction
+
+    from jobs.services import job_create
+
+    marks = {"start": time.time()}
+    with transaction.atomic():
+        transaction.on_commit(lambda: marks.__setitem__("commit", time.time()))  # before the dispatch
+        job = job_create(user=user, files=[upload(path)], model_name="tiny.en", **options)
+    return job, marks["start"], marks["commit"]
+
+
+def wait_final(job_ids, timeout_s: float) -> list:
+    """Wait until every job is final; returns them in the given order."""
+    from jobs.models import Job
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        jobs = {j.id: j for j in Job.objects.filter(id__in=job_ids)}
+        if all(j.is_final for j in jobs.values()):
+            return [jobs[i] for i in job_ids]
+        time.sleep(0.02)
+    raise SystemExit(f"jobs {job_ids} not finished within {timeout_s} s")
+
+
+def load_started_at(job) -> float:
+    """When the worker started loading (or taking from its cache) the model: the moment the
+    job became `processing`, less the load time it reported."""
+    from jobs.models import Job
+
+    event = job.events.filter(to_state=Job.State.PROCESSING).order_by("-id").first()
+    return event.at.timestamp() - (job.load_seconds or 0.0)
+
+
+def bare_transcribe(model, path: Path) -> tuple[float, str]:
+    """What the executor does for one file, without WhisperHub: decode with ffmpeg, transcribe."""
+    from whisper.audio import load_audio
+
+    started = time.perf_counter()
+    samples = load_audio(str(path))
+    result = model.transcribe(samples, language="en", task="transcribe", temperature=0.0, initial_prompt=None,
+                              word_timestamps=False, fp16=False, verbose=None, beam_size=5)
+    return time.perf_counter() - started, result["text"]

@@ -1,0 +1,80 @@
+"""Benchmark 4: what a WhisperHub job costs on top of a bare model.transcribe call.
+
+The same speech (espeak-ng, about 6 s) through a WhisperHub job — job_create, dispatch, a
+real qcluster worker whose tiny.en is preloaded, the executor with its progress writes and
+result storage, completion — and through a bare call in this process: the executor's own
+decode (ffmpeg) and `model.transcribe` with the same options (beam 5, temperature 0, fp32 on
+the CPU). Runs alternate, after one warm-up each, so that the machine's noise hits both.
+Reported: wall-time ratio, the fixed cost per job (job wall − bare wall), and where it goes.
+"""
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import common
+from django.conf import settings
+
+TEXT = "The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden porch."
+
+
+def run(repeats: int, folder: Path) -> dict:
+    from jobs.whisper_convert import load_whisper_checkpoint
+
+    user = common.make_user()
+    common.cpu_node_device()
+    common.install_tiny(preload=True)  # "once the model is loaded": the worker keeps it
+    settings.WHISPERHUB_WORKERS = 1
+    clip = common.speak(TEXT, folder, "speech")
+    model = load_whisper_checkpoint(common.tiny_checkpoint(), "cpu").eval()
+
+    bare, jobs = [], []
+    with common.qcluster(1, folder / "qcluster.log"):
+        for i in range(repeats + 1):  # the first of each is a warm-up
+            seconds, text = common.bare_transcribe(model, clip)
+            job, start, commit = common.submit(user, clip, language="en")
+            (job,) = common.wait_final([job.id], timeout_s=300)
+            if i == 0:
+                continue
+            bare.append(seconds)
+            jobs.append({"wall_s": job.finished_at.timestamp() - start, "submit_s": commit - start,
+                         "commit_to_load_start_s": common.load_started_at(job) - commit,
+                         "load_s": job.load_seconds, "transcribe_s": job.transcribe_seconds,
+                         "state": job.state, "text": job.files.first().text, "bare_text": text})
+    return _summary(bare, jobs)
+
+
+def _summary(bare: list[float], jobs: list[dict]) -> dict:
+    job_wall = statistics.median(j["wall_s"] for j in jobs)
+    bare_wall = statistics.median(bare)
+    return {
+        "repeats": len(jobs),
+        "bare_s": bare,
+        "jobs": jobs,
+        "median_bare_s": bare_wall,
+        "median_job_s": job_wall,
+        "ratio": job_wall / bare_wall,
+        "fixed_cost_s": job_wall - bare_wall,
+        # Per pair, so that a slow moment of the machine does not land on one side only.
+        "pairwise_fixed_cost_s": statistics.median(j["wall_s"] - b for j, b in zip(jobs, bare)),
+        "median_submit_s": statistics.median(j["submit_s"] for j in jobs),
+        "median_commit_to_load_start_s": statistics.median(j["commit_to_load_start_s"] for j in jobs),
+        "median_executor_transcribe_s": statistics.median(j["transcribe_s"] for j in jobs),
+        "spread_bare_s": [min(bare), max(bare)],
+        "all_completed": all(j["state"] == "completed" for j in jobs),
+        "goal": {"ratio_max": 1.05, "fixed_cost_max_s": 0.5},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=4)
+    args = parser.parse_args()
+    with common.bench_database(), TemporaryDirectory() as tmp:
+        common.write_result("transcription_overhead", run(args.repeats, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()
