@@ -31,7 +31,7 @@ def job_state(*, job: Job, queue: dict | None = None) -> dict:
     """The JSON a job's page and socket clients consume: what GET /api/jobs/{id}/ returns."""
     if queue is None:
         queue = job_queue_info() if job.state == Job.State.PENDING else {}
-    return JobDetailApi.OutputSerializer(job, context={"queue": queue}).data
+    return JobDetailSerializer(job, context={"queue": queue}).data
 
 
 def files_too_big(files) -> list[str]:
@@ -39,23 +39,20 @@ def files_too_big(files) -> list[str]:
     return [f"{f.name}: larger than {settings.MAX_UPLOAD_MB} MB." for f in files if f.size > limit]
 
 
-def too_many_files_response() -> Response:
-    return Response(
-        {"files": [f"Too many files: at most {settings.MAX_FILES_PER_JOB} per job."]},
-        status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-    )
-
-
 class UploadLimitsMixin:
     """Refusals of the request body itself, answered in the API's JSON shape naming the field.
 
-    Django refuses an upload with too many parts by raising (an HTML 400 otherwise); DRF's
-    answer to a body that is neither multipart nor JSON names no field.
+    Django refuses too many file parts, or too large other fields, by raising (an HTML 400
+    otherwise); DRF's answer to a body that is neither multipart nor JSON names no field.
     """
 
     def handle_exception(self, exc):
-        if isinstance(exc, (TooManyFilesSent, RequestDataTooBig)):
-            return too_many_files_response()
+        if isinstance(exc, TooManyFilesSent):
+            message = f"Too many files: at most {settings.MAX_FILES_PER_JOB} per job."
+            return Response({"files": [message]}, status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+        if isinstance(exc, RequestDataTooBig):
+            message = f"The fields other than files exceed {settings.DATA_UPLOAD_MAX_MEMORY_SIZE // 1024} KiB."
+            return Response({"non_field_errors": [message]}, status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
         if isinstance(exc, exceptions.UnsupportedMediaType):
             message = f"Send the audio as multipart/form-data field 'files', not {self.request.content_type or 'an empty body'}."
             return Response({"files": [message]}, status=status.HTTP_415_UNSUPPORTED_MEDIA_TYPE)
@@ -87,6 +84,8 @@ class FileDetailSerializer(FileSummarySerializer):
 
 
 class JobSummarySerializer(serializers.Serializer):
+    """A job as lists show it. context["queue"] is job_queue_info() (or {} when none is pending)."""
+
     id = serializers.IntegerField()
     name = serializers.CharField(source="display_name")
     state = serializers.CharField()
@@ -113,6 +112,18 @@ class JobSummarySerializer(serializers.Serializer):
     def get_estimated_start(self, job) -> str | None:
         when = self.context["queue"].get(job.pk, {}).get("estimated_start")
         return when.isoformat() if when else None
+
+
+class JobDetailSerializer(JobSummarySerializer):
+    """A job with its options and its files' text and download links: GET /api/jobs/{id}/."""
+
+    temperature = serializers.FloatField()
+    beam_size = serializers.IntegerField()
+    initial_prompt = serializers.CharField()
+    word_timestamps = serializers.BooleanField()
+    output_formats = serializers.ListField(child=serializers.CharField())
+    callback_url = serializers.CharField()
+    files = FileDetailSerializer(many=True)
 
 
 class FormatListField(serializers.ListField):
@@ -160,10 +171,6 @@ class JobListApi(UploadLimitsMixin, APIView):
                 raise serializers.ValidationError("Only http:// and https:// callback URLs are allowed.")
             return value
 
-    @extend_schema_serializer(component_name="JobListItem")
-    class OutputSerializer(JobSummarySerializer):
-        pass
-
     def get_throttles(self):
         # Only submissions are rate limited; reading one's jobs is not.
         if self.request.method == "POST":
@@ -171,7 +178,7 @@ class JobListApi(UploadLimitsMixin, APIView):
             return [ScopedRateThrottle()]
         return super().get_throttles()
 
-    @extend_schema(parameters=[FilterSerializer], responses=OutputSerializer(many=True))
+    @extend_schema(parameters=[FilterSerializer], responses=JobSummarySerializer(many=True))
     def get(self, request):
         params = {"state": request.query_params.get("state"), "id": request.query_params.getlist("id")}
         filters = self.FilterSerializer(data={key: value for key, value in params.items() if value})
@@ -184,9 +191,9 @@ class JobListApi(UploadLimitsMixin, APIView):
         paginator = PageNumberPagination()
         page = paginator.paginate_queryset(jobs, request, view=self)
         context = {"queue": job_queue_info() if any(j.state == Job.State.PENDING for j in page) else {}}
-        return paginator.get_paginated_response(self.OutputSerializer(page, many=True, context=context).data)
+        return paginator.get_paginated_response(JobSummarySerializer(page, many=True, context=context).data)
 
-    @extend_schema(request={"multipart/form-data": InputSerializer}, responses={201: JobSummarySerializer})
+    @extend_schema(request={"multipart/form-data": InputSerializer}, responses={201: JobDetailSerializer})
     def post(self, request):
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -218,17 +225,7 @@ class JobListApi(UploadLimitsMixin, APIView):
 class JobDetailApi(APIView):
     """GET: one job with its files, their progress and text. DELETE: cancel it and remove its files."""
 
-    @extend_schema_serializer(component_name="JobDetail")
-    class OutputSerializer(JobSummarySerializer):
-        temperature = serializers.FloatField()
-        beam_size = serializers.IntegerField()
-        initial_prompt = serializers.CharField()
-        word_timestamps = serializers.BooleanField()
-        output_formats = serializers.ListField(child=serializers.CharField())
-        callback_url = serializers.CharField()
-        files = FileDetailSerializer(many=True)
-
-    @extend_schema(responses=OutputSerializer)
+    @extend_schema(responses=JobDetailSerializer)
     def get(self, request, job_id):
         job = job_get_for_user(user=request.user, job_id=job_id)
         return Response(job_state(job=job))
@@ -243,7 +240,7 @@ class JobDetailApi(APIView):
 class JobCancelApi(APIView):
     """Cancel a pending or running job; a finished job answers 409."""
 
-    @extend_schema(request=None, responses=JobDetailApi.OutputSerializer)
+    @extend_schema(request=None, responses=JobDetailSerializer)
     def post(self, request, job_id):
         job = job_get_for_user(user=request.user, job_id=job_id)
         try:
@@ -256,7 +253,7 @@ class JobCancelApi(APIView):
 class JobRetryApi(APIView):
     """Queue a failed or cancelled job again; any other state answers 409."""
 
-    @extend_schema(request=None, responses=JobDetailApi.OutputSerializer)
+    @extend_schema(request=None, responses=JobDetailSerializer)
     def post(self, request, job_id):
         job = job_get_for_user(user=request.user, job_id=job_id)
         try:

@@ -17,6 +17,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, TooManyFilesSent
 from django.http import HttpResponse, JsonResponse
+from django.http.multipartparser import MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 from rest_framework import exceptions, serializers
@@ -103,6 +104,8 @@ def _job_submit(request, task: str) -> tuple[int, dict]:
         form, files = request.POST, request.FILES
     except (TooManyFilesSent, RequestDataTooBig):
         raise OpenAIError(413, "Send one file per request.", param="file") from None
+    except MultiPartParserError as exc:
+        raise OpenAIError(400, f"Malformed multipart body: {exc}", param="file") from None
     payload = {key: form[key] for key in form if not key.startswith("timestamp_granularities")}
     # OpenAI's clients send the list as repeated `timestamp_granularities[]`.
     granularities = form.getlist("timestamp_granularities[]") or form.getlist("timestamp_granularities")

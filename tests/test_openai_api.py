@@ -119,6 +119,23 @@ def test_refusals_come_in_openai_error_shape(transactional_db, alice, tiny_model
     assert not Job.objects.exists()
 
 
+@pytest.mark.parametrize(
+    "content_type,body",
+    [
+        ("multipart/form-data", b"--nothing-like-a-boundary"),  # no boundary: not parseable
+        ("multipart/form-data; boundary=x", b"--x\r\nContent-Disposition: form-data\r\n\r\n"),
+        ("application/json", b'{"model": "whisper-1"}'),
+    ],
+)
+def test_a_body_that_is_not_a_proper_upload_is_400(client, alice, content_type, body):
+    key = Token.objects.get(user=alice).key
+    response = client.post(
+        "/v1/audio/transcriptions", body, content_type=content_type, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["param"] == "file"
+
+
 def test_models_in_openai_list_shape(transactional_db, alice, tiny_model, client_for):
     client = client_for(alice)
     ids = [m.id for m in client.models.list()]
