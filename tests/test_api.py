@@ -17,7 +17,7 @@ from jobs import tasks_callbacks
 from jobs.models import Job, JobEvent
 from jobs.outputs import download_filename
 from jobs.services import job_create
-from jobs.tasks_callbacks import send_job_callback
+from jobs.tasks_callbacks import job_callback_schedule, send_job_callback
 from tests.portal_fixtures import cluster, cpu_device  # noqa: F401
 from tests.wer import wer
 
@@ -360,9 +360,16 @@ def wait_for_final(api, job_id, timeout=180):
 
 
 @pytest.mark.qcluster
-def test_round_trip_with_real_whisper(alice_api, cluster, speak):
+def test_round_trip_with_real_whisper(alice_api, cluster, speak, receiver):
+    server, handler = receiver
     audio = Path(speak(SENTENCE)).read_bytes()
-    created = post_job(alice_api, [upload(audio, "Fox story.wav")], model="tiny.en", language="en")
+    created = post_job(
+        alice_api,
+        [upload(audio, "Fox story.wav")],
+        model="tiny.en",
+        language="en",
+        callback_url=f"http://127.0.0.1:{server.server_port}/done",
+    )
     assert created.status_code == 201, created.content
     body = wait_for_final(alice_api, created.json()["id"])
     assert body["state"] == "completed", body
@@ -380,3 +387,25 @@ def test_round_trip_with_real_whisper(alice_api, cluster, speak):
     assert json.loads(alice_api.get(base, {"format": "json"}).content)["segments"]
     assert wer(SENTENCE, alice_api.get(base).content.decode()) <= 0.4
     assert the_file["downloads"]["srt"] == f"{base}?format=srt"
+
+    # The callback goes out through a q2 task run by the real cluster.
+    job_callback_schedule(job_id=body["id"])
+    deadline = time.monotonic() + 30
+    while not handler.received and time.monotonic() < deadline:
+        time.sleep(0.1)
+    event, posted = handler.received[0]
+    assert event == "job.completed" and posted["id"] == body["id"] and posted["files"][0]["text"] == the_file["text"]
+
+
+def test_callback_is_queued_after_commit_only_for_jobs_with_a_url(alice, tiny_model, wav_bytes, django_capture_on_commit_callbacks):
+    from django_q.models import OrmQ
+
+    with_url = job_create(user=alice, files=[upload(wav_bytes)], model_name="tiny.en", callback_url="https://example.com/hook")
+    without = job_create(user=alice, files=[upload(wav_bytes)], model_name="tiny.en")
+    queued_before = OrmQ.objects.count()
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        job_callback_schedule(job_id=with_url.pk)
+        job_callback_schedule(job_id=without.pk)
+    assert len(callbacks) == 1
+    assert OrmQ.objects.count() == queued_before + 1
+    assert OrmQ.objects.order_by("-id").first().task["func"] == "jobs.tasks_callbacks.send_job_callback"
