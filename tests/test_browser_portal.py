@@ -38,7 +38,8 @@ def test_upload_watch_and_download_in_a_real_browser(cluster, live_server, alice
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         try:
-            page = chromium.new_context(accept_downloads=True).new_page()
+            context = chromium.new_context(accept_downloads=True)
+            page = context.new_page()
             page.on("pageerror", lambda exc: errors.append(str(exc)))
 
             page.goto(live_server.url + "/accounts/login/")
@@ -66,8 +67,15 @@ def test_upload_watch_and_download_in_a_real_browser(cluster, live_server, alice
             with page.expect_request(lambda r: r.method == "POST" and r.headers.get("x-requested-with") == "XMLHttpRequest"):
                 page.click("#submit")
             page.wait_for_url("**/jobs/*/", timeout=30000)
+            job_id = page.get_attribute("#job", "data-job-id")
+            # My jobs, open beside it while the job runs, follows it too.
+            listing = context.new_page()
+            listing.on("pageerror", lambda exc: errors.append(str(exc)))
+            listing.goto(live_server.url + "/jobs/")
 
             page.wait_for_selector('#job[data-state="completed"]', timeout=180000)
+            listing.wait_for_selector(f'tr[data-job-id="{job_id}"][data-state="completed"]', timeout=10000)
+            assert listing.inner_text(f'tr[data-job-id="{job_id}"] [data-role="state"]') == "completed"
             page.wait_for_selector(".transcript")
             transcript = page.inner_text(".transcript")
             assert "00:00.000 →" in transcript
