@@ -1,6 +1,7 @@
 """Benchmark 5: 20 short jobs on one model, WhisperHub's cached model against loading it per job.
 
-Twenty different sentences of a few seconds each (espeak-ng), one job after another, after one warm-up job each (not counted).
+Twenty different sentences of a few seconds each (espeak-ng), one job after another, after
+one warm-up job each (not counted).
 WhisperHub: each job goes through job_create and one qcluster worker with tiny.en preloaded
 runs it (wall: call → job finished). Seed baseline: what the seed's executor does per task,
 in this process — load the model (load_model_stage; here load_whisper_checkpoint, since

@@ -11,6 +11,7 @@ Reported: wall-time ratio, the fixed cost per job (job wall − bare wall), and 
 import argparse
 import statistics
 import time
+import wave
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -43,7 +44,9 @@ def run(repeats: int, folder: Path) -> dict:
                          "commit_to_load_start_s": common.load_started_at(job) - commit,
                          "load_s": job.load_seconds, "transcribe_s": job.transcribe_seconds,
                          "state": job.state, "text": job.files.first().text, "bare_text": text})
-    return _summary(bare, jobs)
+    with wave.open(str(clip)) as w:
+        audio_s = w.getnframes() / w.getframerate()
+    return dict(_summary(bare, jobs), audio_s=audio_s)
 
 
 def _summary(bare: list[float], jobs: list[dict]) -> dict:
