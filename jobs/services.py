@@ -31,6 +31,7 @@ from gpus.services import allocatable_mb, allocation_release, allocation_renew, 
 from jobs import dispatch
 from jobs.audio import AudioProbeError, probe_audio
 from jobs.models import AudioFile, Job, JobEvent, SchedulerSettings, WhisperModel
+from jobs.tasks_callbacks import job_callback_schedule
 from whisperhub import live
 
 logger = logging.getLogger(__name__)
@@ -648,6 +649,11 @@ def _job_ended(job_id: int, *, freed: bool = True) -> None:
 
 
 def _event(job_id: int, from_state: str, to_state: str, attempt: int, *, device_id=None, message: str = "") -> JobEvent:
-    return JobEvent.objects.create(
+    event = JobEvent.objects.create(
         job_id=job_id, from_state=from_state, to_state=to_state, attempt=attempt, device_id=device_id, message=message
     )
+    if to_state in Job.FINAL_STATES:
+        # Every path into a final state records its event here, so this is the one place
+        # that tells the owner's callback_url (after commit; a requeue is not an end).
+        job_callback_schedule(job_id=job_id)
+    return event

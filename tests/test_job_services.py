@@ -465,3 +465,25 @@ def test_admin_delete_removes_the_files_too(admin_client, alice, model, device, 
 
 def state_of_job(job) -> str:
     return Job.objects.values_list("state", flat=True).get(id=job.id)
+
+
+def test_every_end_of_a_job_schedules_its_callback_and_a_requeue_does_not(monkeypatch, alice):
+    """The callback hook sits where final transitions are recorded; retries are not ends."""
+    job = make_job(alice)
+    scheduled = []
+    monkeypatch.setattr(services, "job_callback_schedule", lambda *, job_id: scheduled.append(job_id))
+    services._event(job.id, "processing", "pending", 1, message="requeued")
+    services._event(job.id, "pending", "loading", 2)
+    assert scheduled == []
+    for final in ("completed", "failed", "cancelled"):
+        services._event(job.id, "processing", final, 2)
+    assert scheduled == [job.id] * 3
+
+
+def test_cancelling_a_job_with_a_callback_url_queues_its_callback(alice, django_capture_on_commit_callbacks):
+    from django_q.models import OrmQ
+
+    job = make_job(alice, callback_url="https://example.com/hook")
+    with django_capture_on_commit_callbacks(execute=True):
+        services.job_cancel(job=job)
+    assert [t.task["func"] for t in OrmQ.objects.all()] == ["jobs.tasks_callbacks.send_job_callback"]
