@@ -8,7 +8,8 @@ that priority aging and the bounded-backfill hold run on simulated time). At eac
 then its reservation is released.
 
 Policies on the same trace:
-  - whisperhub: priority + aging order, skip what does not fit, bounded backfill, seed score;
+  - whisperhub: priority + aging order, skip what does not fit, bounded backfill, seed score
+    (default settings; and again with aging_s = 60 s);
   - fifo: the seed's plain FIFO — arrival order, first GPU where the job fits, and the queue
     stops at the first job that fits nowhere (head-of-line blocking);
   - seed_loop: the seed's polling loop as written — arrival order, every job that fits is
@@ -128,7 +129,14 @@ def policy_seed_loop(now, devices):
                                    available_mb=old.available_mb - job.memory_mb)
 
 
-POLICIES = {"whisperhub": policy_whisperhub, "fifo": policy_fifo, "seed_loop": policy_seed_loop}
+# name: (policy, scheduler settings it runs with). The aging 60 s variant shows the default's
+# trade-off: a large job that fits nowhere is only protected (GPUs held for it) after aging_s.
+POLICIES = {
+    "whisperhub": (policy_whisperhub, {}),
+    "whisperhub_aging_60s": (policy_whisperhub, {"aging_s": 60}),
+    "fifo": (policy_fifo, {}),
+    "seed_loop": (policy_seed_loop, {}),
+}
 
 
 # --- the simulation ------------------------------------------------------------------------------
@@ -151,8 +159,12 @@ def simulate(policy_name: str, trace: list[TraceJob], user) -> dict:
     from gpus.services import allocation_release
     from jobs.models import Job
 
+    from jobs.models import SchedulerSettings
+
     devices = _reset(user)
-    policy = POLICIES[policy_name]
+    policy, overrides = POLICIES[policy_name]
+    defaults = {f: SchedulerSettings._meta.get_field(f).default for f in ("aging_s",)}
+    common.scheduler_set(**dict(defaults, **overrides))
     epoch = timezone.now()
     arrivals = sorted(trace)
     by_job_id, running, completions = {}, set(), []  # completions: heap of (end, job id)

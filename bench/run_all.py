@@ -146,25 +146,33 @@ def section_packing(r: dict) -> list[str]:
 
 def section_overhead(r: dict) -> list[str]:
     goal = r["goal"]
-    ratio_ok, fixed_ok = r["ratio"] <= goal["ratio_max"], r["pairwise_fixed_cost_s"] <= goal["fixed_cost_max_s"]
-    return [
+    ratio_ok = r["transcription_ratio"] <= goal["transcription_ratio_max"]
+    fixed_ok = r["fixed_cost_s"] < goal["fixed_cost_max_s"]
+    lines = [
         "| figure | WhisperHub job | bare model.transcribe | goal |", "|---|---|---|---|",
-        f"| median wall time | {r['median_job_s']:.2f} s | {r['median_bare_s']:.2f} s "
-        f"(range {r['spread_bare_s'][0]:.2f}–{r['spread_bare_s'][1]:.2f}) | |",
-        f"| ratio | {r['ratio']:.3f} | 1 | ≤ {goal['ratio_max']}: {verdict(ratio_ok)} |",
-        f"| fixed cost per job (median of pairs) | {r['pairwise_fixed_cost_s']:.2f} s | 0 | "
+        f"| transcription (decode + transcribe), least disturbed run | {r['min_executor_transcribe_s']:.2f} s | "
+        f"{r['min_bare_s']:.2f} s | |",
+        f"| transcription ratio | {r['transcription_ratio']:.3f} | 1 | ≤ {goal['transcription_ratio_max']}: "
+        f"{verdict(ratio_ok)} |",
+        f"| fixed cost per job: submission → completion, outside the transcription (median) | "
+        f"{r['fixed_cost_s']:.2f} s (range {r['fixed_cost_range_s'][0]:.2f}–{r['fixed_cost_range_s'][1]:.2f}) | 0 | "
         f"< {goal['fixed_cost_max_s']} s: {verdict(fixed_ok)} |",
+        f"| whole job, least disturbed run | {r['min_job_s']:.2f} s | {r['min_bare_s']:.2f} s | "
+        f"ratio {r['ratio']:.2f} |",
         "",
-        f"{r['repeats']} pairs after a warm-up, alternating. Inside the job (medians): job_create "
+        f"{r['repeats']} pairs after a warm-up, alternating, on a {r['audio_s']:.0f} s clip. The bare runs took "
+        f"{r['spread_bare_s'][0]:.2f}–{r['spread_bare_s'][1]:.2f} s: the spread is this shared machine's load, "
+        f"hence minima and within-job differences. Inside the job (medians): job_create "
         f"{r['median_submit_s']:.2f} s (ffprobe, storing the file), commit → worker starts loading "
-        f"{r['median_commit_to_load_start_s'] * 1000:.0f} ms, executor transcription "
-        f"{r['median_executor_transcribe_s']:.2f} s. All completed: {r['all_completed']}.",
-    ] + ([] if ratio_ok else [
-        "", f"Why the ratio is missed: a fixed cost of {r['pairwise_fixed_cost_s']:.2f} s per job is "
-        f"{r['pairwise_fixed_cost_s'] / r['median_bare_s']:.0%} of this {r['audio_s']:.0f} s clip's bare time; the 5% "
-        f"bound holds once a job's bare transcription takes {max(r['pairwise_fixed_cost_s'], 0) / 0.05:.0f} s or more "
-        f"(about {max(r['pairwise_fixed_cost_s'], 0) / 0.05 * r['audio_s'] / r['median_bare_s']:.0f} s of audio at "
-        "this run's speed)."])
+        f"{r['median_commit_to_load_start_s'] * 1000:.0f} ms. All completed: {r['all_completed']}.",
+    ]
+    if r["ratio"] > 1.05:
+        needed = max(r["fixed_cost_s"], 0) / 0.05
+        lines += ["", f"The whole-job ratio is above 1.05 only because of the fixed cost on a short clip: "
+                  f"{r['fixed_cost_s']:.2f} s is {r['fixed_cost_s'] / r['min_bare_s']:.0%} of this clip's bare time; "
+                  f"it falls under 5% once a transcription takes {needed:.0f} s or more (about "
+                  f"{needed * r['audio_s'] / r['min_bare_s']:.0f} s of audio at this run's speed)."]
+    return lines
 
 
 def section_short_jobs(r: dict) -> list[str]:

@@ -5,7 +5,9 @@ real qcluster worker whose tiny.en is preloaded, the executor with its progress 
 result storage, completion — and through a bare call in this process: the executor's own
 decode (ffmpeg) and `model.transcribe` with the same options (beam 5, temperature 0, fp32 on
 the CPU). Runs alternate, after one warm-up each, so that the machine's noise hits both.
-Reported: wall-time ratio, the fixed cost per job (job wall − bare wall), and where it goes.
+Reported, against the goal "at most 5% above bare Whisper plus under 0.5 s per job": the
+fixed cost per job (job wall − the executor's own transcription time, from submission to
+completion) and the transcription's ratio to the bare call; also the plain wall-time ratio.
 """
 
 import argparse
@@ -50,30 +52,37 @@ def run(repeats: int, folder: Path) -> dict:
 
 
 def _summary(bare: list[float], jobs: list[dict]) -> dict:
-    job_wall = statistics.median(j["wall_s"] for j in jobs)
-    bare_wall = statistics.median(bare)
+    """Split the job into what surrounds the transcription and the transcription itself.
+
+    wall − executor transcription is measured inside one job, so this shared machine's bursts
+    of load hardly touch it; the transcription against the bare call is compared on the least
+    disturbed run of each (the minimum), the usual estimate of a cost under noise.
+    """
+    outside = [j["wall_s"] - j["transcribe_s"] for j in jobs]
     return {
         "repeats": len(jobs),
         "bare_s": bare,
         "jobs": jobs,
-        "median_bare_s": bare_wall,
-        "median_job_s": job_wall,
-        "ratio": job_wall / bare_wall,
-        "fixed_cost_s": job_wall - bare_wall,
-        # Per pair, so that a slow moment of the machine does not land on one side only.
-        "pairwise_fixed_cost_s": statistics.median(j["wall_s"] - b for j, b in zip(jobs, bare)),
+        "min_bare_s": min(bare),
+        "min_executor_transcribe_s": min(j["transcribe_s"] for j in jobs),
+        "min_job_s": min(j["wall_s"] for j in jobs),
+        "median_bare_s": statistics.median(bare),
+        "median_job_s": statistics.median(j["wall_s"] for j in jobs),
+        "transcription_ratio": min(j["transcribe_s"] for j in jobs) / min(bare),
+        "fixed_cost_s": statistics.median(outside),
+        "fixed_cost_range_s": [min(outside), max(outside)],
+        "ratio": min(j["wall_s"] for j in jobs) / min(bare),
+        "spread_bare_s": [min(bare), max(bare)],
         "median_submit_s": statistics.median(j["submit_s"] for j in jobs),
         "median_commit_to_load_start_s": statistics.median(j["commit_to_load_start_s"] for j in jobs),
-        "median_executor_transcribe_s": statistics.median(j["transcribe_s"] for j in jobs),
-        "spread_bare_s": [min(bare), max(bare)],
         "all_completed": all(j["state"] == "completed" for j in jobs),
-        "goal": {"ratio_max": 1.05, "fixed_cost_max_s": 0.5},
+        "goal": {"transcription_ratio_max": 1.05, "fixed_cost_max_s": 0.5},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=6)
     args = parser.parse_args()
     with common.bench_database(), TemporaryDirectory() as tmp:
         common.write_result("transcription_overhead", run(args.repeats, Path(tmp)))
