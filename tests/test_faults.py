@@ -49,7 +49,7 @@ from tests.fault_helpers import (
     wait_until,
 )
 from tests.portal_fixtures import cluster, cpu_device  # noqa: F401
-from tests.scheduling import make_device, make_job, make_node
+from tests.scheduling import make_device, make_job, make_node, scheduler
 from tests.wer import wer
 from whisperhub.asgi import application
 
@@ -131,7 +131,7 @@ def assert_all_settled(job_ids, *, max_retries: int) -> dict[int, str]:
 
 @pytest.mark.qcluster
 def test_workers_killed_at_random_moments_lose_no_job(cluster, alice, speech_wav, monkeypatch):
-    SchedulerSettings.objects.filter(pk=1).update(lease_s=4, heartbeat_s=1)
+    scheduler(lease_s=4, heartbeat_s=1)
     # Retry backoff (5 s × 2^(n−1) in production) is the sweep's, in this process: shortened to keep
     # the run short; the recovery figures below exclude it.
     monkeypatch.setattr(services, "RETRY_BACKOFF_S", 1)
@@ -225,7 +225,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.qcluster
 def test_whole_cluster_killed_and_restarted_loses_nothing(cpu_device, tiny_model, alice, speech_wav, settings, tmp_path, monkeypatch):
-    SchedulerSettings.objects.filter(pk=1).update(lease_s=4, heartbeat_s=1)
+    scheduler(lease_s=4, heartbeat_s=1)
     monkeypatch.setattr(services, "RETRY_BACKOFF_S", 1)
     settings.WHISPERHUB_NODE_OFFLINE_AFTER = 3600.0
     tiny_model.preload = True
@@ -234,7 +234,7 @@ def test_whole_cluster_killed_and_restarted_loses_nothing(cpu_device, tiny_model
     first = cluster_start(env, tmp_path / "first.log")
     second = None
     try:
-        job_ids = [submit(alice, speech_wav, f"speech{n}.wav").id for n in range(4)]
+        job_ids = [submit(alice, speech_wav, f"speech{n}.wav").id for n in range(3)]
         sweep = Sweeper()
         wait_until(lambda: Job.State.PROCESSING in states(job_ids).values(), timeout=120, what="a job processing", log=first.output)
         # Two jobs hold memory (loading or processing), the others wait in the queue. The interrupted
@@ -379,7 +379,7 @@ def test_postgres_restart_under_load_loses_and_doubles_nothing(tiny_checkpoint, 
         processes.append(qc)
         probe = Background(env, tmp_path / "probe.log", "shell", "-c", PROBE.format(token=token))
         processes.append(probe)
-        job_ids = [int(n) for n in re.findall(r"JOB (\d+)", manage(env, "shell", "-c", SUBMIT.format(wav=str(wav), count=4)))]
+        job_ids = [int(n) for n in re.findall(r"JOB (\d+)", manage(env, "shell", "-c", SUBMIT.format(wav=str(wav), count=2)))]
 
         def rows():
             with psycopg.connect(pg.url("wh")) as conn:
@@ -547,7 +547,7 @@ def test_out_of_memory_is_retried_with_a_larger_estimate_not_counted_as_a_crash(
 
 def test_a_silent_node_goes_offline_gets_no_work_and_its_leases_lapse(alice, settings, charlie_client):
     settings.WHISPERHUB_NODE_OFFLINE_AFTER = 2.0
-    SchedulerSettings.objects.filter(pk=1).update(lease_s=3, heartbeat_s=1)
+    scheduler(lease_s=3, heartbeat_s=1)
     lost = Agent(backend=SimulatedBackend(node_name="node-lost", totals_mb=[4096]), node_name="node-lost", interval_s=0.5)
     alive = Agent(backend=SimulatedBackend(node_name="node-alive", totals_mb=[8192]), node_name="node-alive", interval_s=0.5)
     lost.register()
