@@ -169,6 +169,9 @@ def test_workers_killed_at_random_moments_lose_no_job(cluster, alice, speech_wav
     # A job fails only when killed more often than its retries allow.
     for job_id, count in killed_per_job.items():
         assert (final[job_id] == Job.State.COMPLETED) == (count <= max_retries), (job_id, count, final[job_id])
+        if final[job_id] == Job.State.COMPLETED:
+            # One attempt per kill, none more: a healthy run was never reaped under load (lease = 4 heartbeats).
+            assert Job.objects.get(id=job_id).attempt == count + 1, (job_id, count)
     overshoot = lease_overshoot_s()
     assert overshoot <= sweep.period + 2.0, "an allocation outlived its lease by more than one sweep"
     freed = [k["freed_s"] for k in kills]
