@@ -9,8 +9,6 @@ events) only alice and staff succeed; bob gets 404 (no hint that the job exists)
 unchanged; anonymous users are sent to the login page (pages) or get 401 (API), sockets close.
 """
 
-import asyncio
-
 import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async

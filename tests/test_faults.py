@@ -14,9 +14,9 @@ import random
 import re
 import signal
 import statistics
+import subprocess
 import threading
 import time
-from datetime import timedelta
 
 import pytest
 import torch
@@ -24,15 +24,15 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.db import OperationalError, connection, connections
+from django.db import connection, connections
 from django.db.models import Sum
 from django.test import Client
-from django.utils import timezone
+from whisper.model import Whisper
 
 from gpus import services as ledger
 from gpus.agent import Agent
 from gpus.backends import SimulatedBackend
-from gpus.models import Allocation, Device, Node
+from gpus.models import Allocation
 from gpus.services import memory_figures
 from jobs import dispatch, services
 from jobs.models import AudioFile, Job, JobEvent, SchedulerSettings
@@ -287,8 +287,6 @@ def test_a_job_longer_than_the_retry_window_runs_once(cpu_device, tiny_model, al
     qc = cluster_start(env, tmp_path / "retry.log")
     try:
         long_clip = tmp_path / "long.wav"
-        import subprocess
-
         subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(speak(SPEECH)), "-af", "apad=whole_dur=40", str(long_clip)], check=True)
         job = services.job_create(
             user=alice, files=[SimpleUploadedFile("long.wav", long_clip.read_bytes())], model_name="tiny.en", **DECODE
@@ -338,6 +336,7 @@ PROBE = """
 import time
 from django.db import close_old_connections
 from django.test import Client
+from whisper.model import Whisper
 client = Client(HTTP_AUTHORIZATION="Token {token}")
 while True:
     close_old_connections()  # what Django does between requests
@@ -511,7 +510,7 @@ def test_out_of_memory_is_retried_with_a_larger_estimate_not_counted_as_a_crash(
     job.refresh_from_db()
     assert job.state == Job.State.LOADING and job.attempt == 1  # placed on commit by the real dispatcher
     reservations = [job.memory_mb]
-    real = __import__("whisper").model.Whisper.transcribe
+    real = Whisper.transcribe
     ooms = {"left": 2}
 
     def out_of_memory_twice(self, *args, **kwargs):
