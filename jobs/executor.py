@@ -4,7 +4,8 @@ Every write goes through a fenced transition in jobs/services.py (guarded on job
 and attempt). When one answers False the job was cancelled or reaped meanwhile, or another
 delivery of the same task got there first: this run then stops without touching anything.
 
-CUDA is touched only here, inside the forked worker (see DESIGN.md, "django-q2 facts").
+CUDA is touched only from here, inside the forked worker, never in the qcluster parent
+(DESIGN.md, "django-q2 facts"; docs/EXECUTION.md, "Fork rules").
 """
 
 import logging
@@ -18,8 +19,8 @@ from django.db import close_old_connections, connection
 from django.utils import timezone
 
 from jobs import model_cache, services
-from jobs.whisper_run import Undecodable, decode_audio, is_out_of_memory, result_for_storage, whisper_hooks
 from jobs.models import AudioFile, Job, SchedulerSettings, WhisperModel
+from jobs.whisper_run import Undecodable, decode_audio, is_out_of_memory, result_for_storage, whisper_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Fenced(Exception):
 
 
 class TimedOut(Exception):
-    pass
+    """The job ran past started_at + task_timeout_s."""
 
 
 def job_run(*, job_id: int, attempt: int) -> str:
