@@ -32,6 +32,10 @@ os.environ.setdefault("WHISPERHUB_CHANNEL_PREFIX", "b-" + os.environ["WHISPERHUB
 os.environ.setdefault("WHISPERHUB_NODE_OFFLINE_AFTER", OFFLINE_AFTER_S)
 os.environ.setdefault("MEDIA_ROOT", tempfile.mkdtemp(prefix="whisperhub-bench-media-"))
 
+# run_all.py stops an overrunning benchmark with SIGTERM: exit through the context managers,
+# so that its qcluster (in a session of its own) is stopped and its database dropped.
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
 import django  # noqa: E402
 
 django.setup()
@@ -50,6 +54,16 @@ def bench_database():
     finally:
         connection.close()
         teardown_databases(old_config, verbosity=0)
+
+
+class Budget:
+    """A benchmark's time allowance: it stops starting new work once the allowance is spent."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.started = seconds, time.monotonic()
+
+    def spent(self, share: float = 1.0) -> bool:
+        return self.seconds is not None and time.monotonic() - self.started > share * self.seconds
 
 
 # --- statistics --------------------------------------------------------------------------------

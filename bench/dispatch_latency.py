@@ -79,7 +79,7 @@ def _reserved_at(job_id: int) -> float | None:
     return allocation.created_at.timestamp() if allocation else None
 
 
-def run_whisperhub(user, clip, n: int, folder: Path) -> dict:
+def run_whisperhub(user, clip, n: int, folder: Path, budget) -> dict:
     from jobs import dispatch
     from jobs.models import Job
     from jobs.services import job_cancel
@@ -103,13 +103,15 @@ def run_whisperhub(user, clip, n: int, folder: Path) -> dict:
             mock.patch.object(dispatch, "_enqueue", enqueue_after_cancel), \
             mock.patch.object(dispatch, "dispatch_safely", dispatch_marked):
         for _ in range(n):
+            if budget.spent(0.7):  # the rest is the seed's
+                break
             marks.clear()
             job = _submit(user, clip, marks)
             job.refresh_from_db()
             rows.append(dict(marks, job=job.id, attempt=job.attempt, reserved=_reserved_at(job.id),
                              dispatched=marks["dispatched"] - marks["cancel_s"]))
         deadline = time.time() + 60
-        while time.time() < deadline and _count_lines(starts_file) < n:
+        while time.time() < deadline and _count_lines(starts_file) < len(rows):
             time.sleep(0.2)
     starts = {}
     for line in starts_file.read_text().splitlines():
@@ -129,7 +131,7 @@ def _count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def run_seed(user, clip, n: int) -> dict:
+def run_seed(user, clip, n: int, budget) -> dict:
     """The seed's design on the same code: a polling thread every second, a thread per job."""
     from jobs import dispatch
     from jobs.models import Job
@@ -160,13 +162,15 @@ def run_seed(user, clip, n: int) -> dict:
         try:
             pace = random.Random(1)
             for _ in range(n):
+                if budget.spent():
+                    break
                 marks = {}
                 job = _submit(user, clip, marks)
                 rows.append({"job": job.id, "commit": marks["commit"]})
                 # Spread the arrivals over the polling period, as independent users would.
                 time.sleep(pace.uniform(0, 2 * SEED_MEAN_GAP_S))
             deadline = time.time() + 10
-            while time.time() < deadline and len(started_threads) < n:
+            while time.time() < deadline and len(started_threads) < len(rows):
                 time.sleep(0.05)
         finally:
             stop.set()
@@ -193,15 +197,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--seed-jobs", type=int, default=200)
+    parser.add_argument("--budget-s", type=float, help="stop submitting after this long (70%% ours, 30%% seed)")
     args = parser.parse_args()
+    budget = common.Budget(args.budget_s)
     with common.bench_database(), TemporaryDirectory() as tmp, _probe_once():
         folder = Path(tmp)
         user, clip = _setup(folder)
         started = time.time()
-        ours = run_whisperhub(user, clip, args.jobs, folder)
+        ours = run_whisperhub(user, clip, args.jobs, folder, budget)
         ours_s = time.time() - started
         started = time.time()
-        seed = run_seed(user, clip, args.seed_jobs)
+        seed = run_seed(user, clip, args.seed_jobs, budget)
         seed_s = time.time() - started
         common.write_result("dispatch_latency", {
             "whisperhub": dict(ours, wall_s=ours_s), "seed_polling": dict(seed, wall_s=seed_s, poll_s=SEED_POLL_S),

@@ -67,7 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,2000,5000,10000")
     parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--budget-s", type=float, help="start no new size after this long")
     args = parser.parse_args()
+    budget = common.Budget(args.budget_s)
     from jobs import dispatch
 
     with common.bench_database():
@@ -80,6 +82,8 @@ def main() -> None:
         rng = random.Random(8)
         rows = []
         for n in [int(x) for x in args.sizes.split(",")]:
+            if rows and budget.spent():
+                break
             _fill_queue(user, n, rng)
             rows.append(_measure(n, args.passes))
             print(rows[-1], flush=True)

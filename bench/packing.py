@@ -231,7 +231,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--budget-s", type=float, help="start no new policy after this long")
     args = parser.parse_args()
+    budget = common.Budget(args.budget_s)
     trace = make_trace(args.jobs, args.seed)
     with common.bench_database(), mock.patch("whisperhub.live._schedule", lambda event: None):
         user = common.make_user()
@@ -239,6 +241,8 @@ def main() -> None:
         settings.WHISPERHUB_WORKERS = 100_000  # caps are not what is measured
         results = []
         for name in args.policies.split(","):
+            if results and budget.spent():
+                break
             results.append(simulate(name, trace, user))
             print({k: v for k, v in results[-1].items() if k != "wait_s_by_model"}, flush=True)
         common.write_result("packing", {

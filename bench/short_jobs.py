@@ -49,7 +49,7 @@ def seed_job(checkpoint: Path, clip: Path) -> dict:
     return {"wall_s": time.perf_counter() - started, "load_s": load_s}
 
 
-def run(user, clips: list[Path], folder: Path) -> dict:
+def run(user, clips: list[Path], folder: Path, budget) -> dict:
     checkpoint = common.tiny_checkpoint()
     ours, seed = [], []
     warm_up = common.speak("This first job only warms both sides up.", folder, "warm-up")
@@ -57,11 +57,14 @@ def run(user, clips: list[Path], folder: Path) -> dict:
         # Not counted: the first transcription of a process builds the tokenizer and mel filters.
         first = {"whisperhub_s": whisperhub_job(user, warm_up)["wall_s"], "seed_s": seed_job(checkpoint, warm_up)["wall_s"]}
         for clip in clips:
+            if budget.spent():
+                break
             ours.append(whisperhub_job(user, clip))
             seed.append(seed_job(checkpoint, clip))
     total_ours, total_seed = sum(j["wall_s"] for j in ours), sum(j["wall_s"] for j in seed)
     return {
-        "jobs": len(clips),
+        "jobs": len(ours),
+        "jobs_planned": len(clips),
         "whisperhub": {"wall_s": total_ours, "sum_load_s": sum(j["load_s"] or 0 for j in ours),
                        "sum_transcribe_s": sum(j["transcribe_s"] or 0 for j in ours),
                        "states": sorted({j["state"] for j in ours})},
@@ -76,6 +79,7 @@ def run(user, clips: list[Path], folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=len(SENTENCES))
+    parser.add_argument("--budget-s", type=float, help="start no new pair after this long")
     args = parser.parse_args()
     with common.bench_database(), TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -84,7 +88,7 @@ def main() -> None:
         common.install_tiny(preload=True)
         settings.WHISPERHUB_WORKERS = 1
         clips = [common.speak(text, folder, f"s{i}") for i, text in enumerate(SENTENCES[: args.jobs])]
-        common.write_result("short_jobs", run(user, clips, folder))
+        common.write_result("short_jobs", run(user, clips, folder, common.Budget(args.budget_s)))
 
 
 if __name__ == "__main__":
