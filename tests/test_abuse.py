@@ -102,7 +102,7 @@ CASES = [
     # DRF's JSON parser is not bound by DATA_UPLOAD_MAX_MEMORY_SIZE: the body is read, then refused (docs/RELIABILITY.md).
     ("api: oversized JSON", "api", "post", "/api/jobs/", lambda: {"data": json.dumps({"model": "x" * (3 * 1024 * 1024)}), "content_type": "application/json"}, 400, "multipart"),
     ("api: malformed JSON", "api", "post", "/api/jobs/", lambda: {"data": '{"model": ', "content_type": "application/json"}, 400, "JSON"),
-    ("api: unsupported content type", "api", "post", "/api/jobs/", lambda: {"data": "<job/>", "content_type": "application/xml"}, 415, "Unsupported media type"),
+    ("api: unsupported content type", "api", "post", "/api/jobs/", lambda: {"data": "<job/>", "content_type": "application/xml"}, 415, "multipart/form-data"),
     ("api: no token", "anon-api", "post", "/api/jobs/", api_post(files=lambda: [upload()]), 401, "credentials"),
     ("api: forged token", "forged-api", "post", "/api/jobs/", api_post(files=lambda: [upload()]), 401, "Invalid token"),
     ("api: unknown state filter", "api", "get", "/api/jobs/?state=exploded", lambda: {}, 400, "state"),
