@@ -7,8 +7,8 @@ context, so a fresh process is what the ledger must cover), on cuda:0:
   - otherwise the official dimensions with random weights ("dims-only (memory only)": memory
     depends on shapes, not values) — decodes one 30 s window, worst case: the context filled
     with a 223-token prompt, end-of-text suppressed so all beams run to the context's end.
-Each is measured twice: with float32 parameters (how openai-whisper and WhisperHub's
-load_whisper_checkpoint load; compute is float16) and with float16 parameters (model.half()).
+Parameters in float32, as openai-whisper and WhisperHub's load_whisper_checkpoint load them
+(compute is float16); `--weights fp32,fp16` adds a float16-parameter run (model.half()).
 Memory: torch.cuda.max_memory_allocated/reserved and NVML (this process, and the device)
 before load, after load, and at the peak, sampled every 20 ms while transcribing. Then
 K processes transcribe concurrently on the one GPU and their NVML total is set against the
@@ -17,7 +17,8 @@ in `--out`.
 
 Runs without Django or a database: imports torch, numpy, whisper, pynvml, the standard
 library, and jobs/whisper_convert.py, bench/pack_checkpoint.py and tests/wer.py by path.
-The ledger's figures are read from jobs/migrations/0002_seed_catalog.py and jobs/models.py
+The ledger's figures come from `--estimates` (bench/catalog_estimates.py: the catalog after
+every migration) or else from jobs/migrations/0002_seed_catalog.py and jobs/models.py, read
 with `ast`. Where no CUDA GPU exists it says so and exits 0.
 
     python3 bench/gpu_check.py --audio speech.wav --reference-file speech.txt \
@@ -134,7 +135,11 @@ def _inference_multiplier() -> float:
 
 
 def ledger_estimates() -> dict:
-    """{"multiplier", "need_mb": {model: MiB}} as the seeded catalog and settings define them."""
+    """{"multiplier", "need_mb": {model: MiB}} as the seed migration and settings define them.
+
+    Later migrations that change a need are not seen here: bench/catalog_estimates.py writes the
+    catalog as every migration leaves it, for --estimates.
+    """
     seed = _literal_assignments(REPO / "jobs/migrations/0002_seed_catalog.py")
     need = {name: gb * seed["GIB"] for name, gb, _english in seed["SEED_MODELS"]}
     return {"multiplier": _inference_multiplier(), "need_mb": need,
@@ -565,7 +570,9 @@ def parse_args(argv=None):
                         help="dims-only sizes to measure, for those without a checkpoint ('' for none)")
     parser.add_argument("--concurrent", action="append", metavar="MODEL:K",
                         help=f"K processes of MODEL at once; repeatable (default {' '.join(DEFAULT_CONCURRENT)})")
-    parser.add_argument("--weights", default="fp32,fp16", help="parameter dtypes to measure: fp32, fp16")
+    parser.add_argument("--estimates", help="JSON from bench/catalog_estimates.py (default: the seed's figures)")
+    parser.add_argument("--weights", default="fp32",
+                        help="parameter dtypes to measure, comma-separated: fp32 (as WhisperHub loads), fp16")
     parser.add_argument("--sample-len", type=int, default=224, help="token cap of a dims-only decode")
     parser.add_argument("--budget-s", type=float, default=300, help="start no new run after this many seconds")
     parser.add_argument("--run-timeout-s", type=float, default=150, help="kill a run after this many seconds")
@@ -626,7 +633,7 @@ def main(argv=None) -> int:
     # Ask NVML, not the CUDA runtime, whether a GPU exists: this process must stay CUDA-free
     # so that its NVML readings contain only the spawned runs.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    estimates = ledger_estimates()
+    estimates = json.loads(Path(args.estimates).read_text()) if args.estimates else ledger_estimates()
     out = Path(args.out)
     if args.device == "cuda" and not torch.cuda.is_available():
         print(NO_GPU, flush=True)
