@@ -12,7 +12,6 @@ completion) and the transcription's ratio to the bare call; also the plain wall-
 
 import argparse
 import statistics
-import time
 import wave
 from pathlib import Path
 from tempfile import TemporaryDirectory
