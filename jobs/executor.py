@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from datetime import timedelta
 
-from django.db import close_old_connections, connection
+from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
 
 from jobs import model_cache, services
@@ -28,6 +28,9 @@ PROGRESS_INTERVAL_S = 0.5  # at most two progress writes per second
 # How often the watchdog reads whether the job is still ours (between lease renewals), so a
 # cancel stops the model within about this long.
 FENCE_POLL_S = 1.0
+# A PostgreSQL restart took 10–17 s to recover in the fault tests (docs/RELIABILITY.md); a write
+# keeps retrying that long, which is still inside the default 30 s lease.
+RECONNECT_WITHIN_S = 20
 # Advisory-lock namespace ("WH") for the per-job claim; job ids fit the second int4 key.
 CLAIM_NAMESPACE = 0x5748
 
@@ -119,17 +122,34 @@ class Run:
 
     def execute(self) -> str:
         model, load_seconds = self.load()
-        self.fence(services.job_start_processing(job_id=self.job.id, attempt=self.job.attempt, load_seconds=load_seconds))
+        self.report(services.job_start_processing, job_id=self.job.id, attempt=self.job.attempt, load_seconds=load_seconds)
         started = time.monotonic()
         for audio in self.job.files.order_by("position"):
             if audio.state in (AudioFile.State.COMPLETED, AudioFile.State.FAILED):
                 continue  # settled by an earlier attempt: results are saved as they come
             self.transcribe_file(model, audio)
         self.stage = "completing"
-        self.fence(services.job_complete(job_id=self.job.id, attempt=self.job.attempt, transcribe_seconds=time.monotonic() - started))
+        self.report(services.job_complete, job_id=self.job.id, attempt=self.job.attempt, transcribe_seconds=time.monotonic() - started)
         return "completed"
 
-    def fence(self, ok: bool) -> None:
+    def report(self, transition, **kwargs) -> None:
+        """Call a fenced transition; stop the run when it answers False.
+
+        A PostgreSQL restart breaks this thread's connection while whisper runs for minutes
+        without touching it; reconnect and retry for a while rather than lose the attempt's work.
+        The transition is guarded on (id, state, attempt), so a repeat can't apply twice.
+        """
+        deadline = time.monotonic() + RECONNECT_WITHIN_S
+        while True:
+            try:
+                ok = transition(**kwargs)
+                break
+            except (OperationalError, InterfaceError):
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("job %s: database connection lost; reconnecting", self.job.id)
+                connection.close()
+                time.sleep(1)
         if not ok:
             raise Fenced()
 
@@ -161,18 +181,20 @@ class Run:
         self.check()
         ids = dict(job_id=self.job.id, attempt=self.job.attempt, file_id=audio.id)
         self.stage = f"starting file {audio.id}"
-        self.fence(services.job_report_progress(**ids, file_progress=0.0))
+        self.report(services.job_report_progress, **ids, file_progress=0.0)
         started = time.monotonic()
         try:
             samples = decode_audio(audio.file.path)
         except Undecodable as exc:
             logger.warning("job %s file %s: %s", self.job.id, audio.id, exc)
-            self.fence(services.job_file_failed(**ids, error=str(exc)))
+            self.report(services.job_file_failed, **ids, error=str(exc))
             return
         reporter = ProgressReporter(self, audio.id)
         with whisper_hooks(model, on_progress=reporter.update, on_step=self.check):
             result = model.transcribe(samples, **self.decode_options())
-        self.fence(services.job_file_completed(**ids, result=result_for_storage(result, samples), seconds=time.monotonic() - started))
+        self.report(
+            services.job_file_completed, **ids, result=result_for_storage(result, samples), seconds=time.monotonic() - started
+        )
 
     def decode_options(self) -> dict:
         job = self.job
@@ -206,8 +228,8 @@ class ProgressReporter:
             return  # throttled; the file's completion write follows at once
         self.last_write = now
         job = self.run.job
-        self.run.fence(
-            services.job_report_progress(job_id=job.id, attempt=job.attempt, file_id=self.file_id, file_progress=round(fraction, 4))
+        self.run.report(
+            services.job_report_progress, job_id=job.id, attempt=job.attempt, file_id=self.file_id, file_progress=round(fraction, 4)
         )
 
 
@@ -255,5 +277,8 @@ class Watchdog:
             return question(**self.ids)
         except Exception:  # a database hiccup: a later beat may get through before the lease lapses
             logger.exception("job %s: watchdog query failed", self.ids["job_id"])
-            close_old_connections()
+            # The closed connection is replaced at the next query. Not knowing is not "fenced":
+            # the lease, not one failed query, decides whether this run is still ours.
+            connection.close()
+            return True
             return True

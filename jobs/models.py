@@ -66,8 +66,10 @@ class SchedulerSettings(models.Model):
         "aging (s)", default=300, help_text="Each this many seconds of waiting adds one to a pending job's priority weight."
     )
     inference_multiplier = models.FloatField(default=1.5, help_text="Reservation = model memory need × this.")
-    lease_s = models.PositiveIntegerField("lease (s)", default=60, help_text="An allocation not renewed for this long is reaped.")
-    heartbeat_s = models.PositiveIntegerField("heartbeat (s)", default=10, help_text="How often a running job renews its lease.")
+    # 5 s / 30 s from docs/RELIABILITY.md: a running job survives 25 s without the database (a
+    # PostgreSQL restart took 10–17 s to recover), and a dead worker's memory is free in ~31 s.
+    lease_s = models.PositiveIntegerField("lease (s)", default=30, help_text="An allocation not renewed for this long is reaped.")
+    heartbeat_s = models.PositiveIntegerField("heartbeat (s)", default=5, help_text="How often a running job renews its lease.")
 
     class Meta:
         verbose_name = "scheduler settings"

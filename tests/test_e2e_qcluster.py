@@ -99,7 +99,7 @@ def test_cancel_while_processing_stops_the_worker_and_frees_the_memory(cluster, 
 
 
 def test_killed_worker_job_completes_exactly_once(cluster, alice, speak):
-    SchedulerSettings.objects.filter(pk=1).update(lease_s=3, heartbeat_s=1)
+    SchedulerSettings.objects.update_or_create(pk=1, defaults={"lease_s": 3, "heartbeat_s": 1})
     job = submit(alice, speak(f"{FOX} {WEATHER}"))
     wait_for(lambda: job_state(job.id) == Job.State.PROCESSING, what="processing", cluster=cluster)
 

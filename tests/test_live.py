@@ -708,9 +708,10 @@ NOT_RUNNING = "(id) => !document.querySelector(`#running tr[data-job-id=\"${id}\
 
 
 @pytest.mark.browser
-def test_dashboard_follows_a_job_live_in_a_real_browser(browser_page, pool, tiny_model, speak, alice):
+def test_dashboard_follows_a_job_live_in_a_real_browser(pool, tiny_model, speak, alice, browser_page):
     """Driven through the services (placement by the real dispatcher, progress and completion as
-    the executor reports them), the open page changes without a reload and returns when the job ends."""
+    the executor reports them), the open page changes without a reload and returns when the job ends.
+    (browser_page comes last: the page opens once the device exists, as a staff member would see it.)"""
     page = browser_page
     assert card_allocated(page, pool) == "0"
     alice_client = Client()
