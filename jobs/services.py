@@ -124,9 +124,10 @@ def job_create(
             for position, upload in enumerate(files):
                 _audio_file_store(job, position, upload, stored)
             _event(job.id, "", State.PENDING, 0, message=f"submitted: {len(files)} file(s), {memory_mb} MiB needed")
+            # Registered first, so on commit the reservation is made before the live events go out.
+            dispatch.dispatch_on_commit()
             live.job_changed(job.id, user_id=user.id)
             live.queue_changed()
-            dispatch.dispatch_on_commit()
     except BaseException:
         # The rows roll back by themselves; the files written meanwhile do not.
         _files_remove(stored)
