@@ -93,18 +93,16 @@ def section_latency(r: dict) -> list[str]:
                      f"{ms(s)} / {ms(s, 'p95') if s else '–'} / {ms(s, 'p99') if s else '–'} | {goal_text} |")
     lines += ["", f"{ours['jobs']} WhisperHub jobs{' (fewer than 1,000: the time budget ran out)' if ours['jobs'] < 1000 else ''}, "
               f"{seed['jobs']} seed jobs. Where WhisperHub's time goes (p50): "
-              f"commit → the dispatcher starts {ms(ours['commit_to_dispatch_start_ms'])} (the live events that "
-              f"job_create queued first, published to Redis), dispatcher start → reservation "
+              f"commit → the dispatcher starts {ms(ours['commit_to_dispatch_start_ms'])} (job_create's first "
+              f"on-commit callback; the live events follow it), dispatcher start → reservation "
               f"{ms(ours['dispatch_start_to_reservation_ms'])} (settings, counts, devices, pending order, then the "
               f"placement transaction). q2 polls every {r['q2_poll_s']} s."]
     if ours["to_reservation_ms"]["p50"] >= goal["to_reservation_p50_ms"]:
-        lines += ["", "Why the reservation goal is missed: the dispatch runs inline after the commit, but behind "
-                  "the live-event publishing that job_create queued before it, and the pass itself sends about a "
-                  "dozen statements before its grant is written (five reads outside the placement transaction, "
-                  "then the settings lock, counts, job lock, device lock, allocation sum); on this shared 2-core "
-                  "machine each costs a millisecond or more. "
-                  "Running the dispatch before the live events, and carrying the pass's reads into the placement "
-                  "transaction, are the obvious levers."]
+        lines += ["", "Why the reservation goal is missed: the dispatch runs inline, first thing after the commit, "
+                  "but the pass sends about a dozen statements before its grant is written (five reads outside "
+                  "the placement transaction, then the settings lock, counts, job lock, device lock, allocation "
+                  "sum); on this shared 2-core machine each costs a millisecond or more. Carrying the pass's "
+                  "reads into the placement transaction is the next lever."]
     return lines
 
 

@@ -20,6 +20,7 @@ from django.utils import timezone
 from gpus.models import Device, Node
 from jobs import services as job_services
 from jobs.models import Job
+from tests.portal_fixtures import daphne  # noqa: F401  (Daphne on the test database)
 from whisperhub import live
 from whisperhub.asgi import application
 
@@ -576,80 +577,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 @pytest.fixture
-def daphne_url(transactional_db, settings, tmp_path):
-    """Daphne serving whisperhub.asgi (pages and websockets) on this test's database, as a subprocess:
-    pytest-django's live_server speaks WSGI only and serves no websockets."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
-
-    from django.db import connection
-
-    from tests.conftest import _database_url
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(
-        os.environ,
-        DATABASE_URL=_database_url(connection.settings_dict),
-        REDIS_URL=settings.REDIS_URL,
-        MEDIA_ROOT=str(settings.MEDIA_ROOT),
-        WHISPERHUB_NODE_OFFLINE_AFTER="3600",
-        PYTHONUNBUFFERED="1",
-    )
-    log_path = tmp_path / "daphne.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "whisperhub.asgi:application"],
-            cwd=Path(__file__).resolve().parent.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/accounts/login/", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"daphne did not start:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        _wait_for_other_sessions_to_end(connection)
-
-
-def _wait_for_other_sessions_to_end(connection, timeout_s: float = 10) -> None:
-    """PostgreSQL ends a dead client's backend a moment after the client exits; dropping the test
-    database before that fails with "being accessed by other users"."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    with connection.cursor() as cursor:
-        while time.monotonic() < deadline:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-            if cursor.fetchone()[0] == 0:
-                return
-            time.sleep(0.1)
-
-
-@pytest.fixture
-def browser(daphne_url, monkeypatch):
+def browser(daphne, monkeypatch):
     """Headless Chromium; browser.page_for(user, path) opens a page logged in as that user."""
     from playwright.sync_api import sync_playwright
 
@@ -662,10 +590,10 @@ def browser(daphne_url, monkeypatch):
         client = Client()
         client.force_login(user)
         context = chromium.new_context()
-        context.add_cookies([{"name": "sessionid", "value": client.cookies["sessionid"].value, "url": daphne_url}])
+        context.add_cookies([{"name": "sessionid", "value": client.cookies["sessionid"].value, "url": daphne}])
         page = context.new_page()
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(daphne_url + path)
+        page.goto(daphne + path)
         page.evaluate("window.__sameDocument = true")  # survives only if the page is never reloaded
         return page
 
