@@ -153,7 +153,7 @@ class Job(models.Model):
     error = models.TextField(blank=True)
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
-    queued_at = models.DateTimeField(default=timezone.now, help_text="When it last became pending (aging counts from here).")
+    queued_at = models.DateTimeField(default=timezone.now, help_text="When it was submitted or retried by its owner (aging counts from here).")
     not_before = models.DateTimeField(null=True, blank=True, help_text="A retried job waits until then.")
     started_at = models.DateTimeField(null=True, blank=True, help_text="When the current attempt was placed.")
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -572,7 +572,7 @@ def _attempt_end(job: Job, *, error: str, oom: bool, scheduler: SchedulerSetting
     if oom and job.oom_retries < OOM_RETRY_LIMIT:
         grown = _oom_estimate_raise(job, scheduler)
         message = f"Out of device memory with {job.memory_mb} MiB reserved; re-queued with {grown} MiB."
-        guard.update(oom_retries=F("oom_retries") + 1, memory_mb=grown, not_before=None, **_requeue(job, message, now))
+        guard.update(oom_retries=F("oom_retries") + 1, memory_mb=grown, not_before=None, **_requeue(job, message))
         to_state = State.PENDING
     elif oom:
         message = f"Out of device memory {job.oom_retries + 1} times, last with {job.memory_mb} MiB reserved: {error}"
@@ -586,23 +586,24 @@ def _attempt_end(job: Job, *, error: str, oom: bool, scheduler: SchedulerSetting
         failures = job.failures + 1
         delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_S * 2 ** (failures - 1))
         message = f"Attempt {job.attempt} failed ({error}); retry {failures} of {scheduler.max_retries} in {delay} s."
-        guard.update(failures=failures, not_before=now + timedelta(seconds=delay), **_requeue(job, message, now))
+        guard.update(failures=failures, not_before=now + timedelta(seconds=delay), **_requeue(job, message))
         to_state = State.PENDING
     _event(job.id, job.state, to_state, job.attempt, device_id=job.device_id, message=message)
     _job_ended(job.id)
 
 
-def _requeue(job: Job, message: str, now: datetime) -> dict:
+def _requeue(job: Job, message: str) -> dict:
     """Put the files the attempt was working on back to pending; returns the job's pending fields.
 
-    Files the attempt finished keep their results; the next attempt does the rest.
+    Files the attempt finished keep their results; the next attempt does the rest. queued_at is
+    kept: a job interrupted by a crash or out of memory keeps its place and the aging it earned,
+    rather than going behind everything queued meanwhile (not_before still spaces out retries).
     """
     AudioFile.objects.filter(job_id=job.id, state=AudioFile.State.PROCESSING).update(
         state=AudioFile.State.PENDING, progress=0.0
     )
     return {
         "state": State.PENDING,
-        "queued_at": now,
         "device": None,
         "error": message[:ERROR_CHARS],
         "progress": _overall_progress(job.id),

@@ -204,9 +204,14 @@ def _kills_follow(kills: list[dict], rows: dict[int, Job]) -> None:
 
 
 def _backoff_of(job_id: int, attempt: int) -> float:
-    job = Job.objects.filter(id=job_id).values("not_before", "queued_at").first()
-    if job and job["not_before"] and job["queued_at"]:
-        return max(0.0, (job["not_before"] - job["queued_at"]).total_seconds())
+    """The retry backoff the lost attempt was given: from its re-queue to not_before."""
+    not_before = Job.objects.filter(id=job_id).values_list("not_before", flat=True).first()
+    requeued = (
+        JobEvent.objects.filter(job_id=job_id, attempt=attempt, to_state=Job.State.PENDING)
+        .order_by("-at").values_list("at", flat=True).first()
+    )
+    if not_before and requeued:
+        return max(0.0, (not_before - requeued).total_seconds())
     return 0.0
 
 
@@ -240,8 +245,8 @@ def test_whole_cluster_killed_and_restarted_loses_nothing(cpu_device, tiny_model
         job_ids = [submit(alice, speech_wav, f"speech{n}.wav").id for n in range(3)]
         sweep = Sweeper()
         wait_until(lambda: Job.State.PROCESSING in states(job_ids).values(), timeout=120, what="a job processing", log=first.output)
-        # Two jobs hold memory (loading or processing), the others wait in the queue. The interrupted
-        # ones are re-queued behind them (queued_at is reset), so they run again only after those.
+        # Two jobs hold memory (loading or processing), the other waits in the queue. The interrupted
+        # ones keep their place (queued_at is kept) and run again once their backoff has passed.
         held = {a.job_id: a.attempt for a in Allocation.objects.filter(released_at__isnull=True)}
         killed_at = time.monotonic()
         cluster_kill(first)

@@ -286,6 +286,18 @@ def test_a_job_running_past_the_task_timeout_fails_and_frees_its_memory(alice, d
     assert services.job_heartbeat(job_id=job.id, attempt=1) is False
 
 
+def test_a_job_whose_worker_died_keeps_its_place_ahead_of_later_jobs(alice, bob, device):
+    crashed = processing(make_job(alice, waited_s=60))
+    submitted_at = crashed.queued_at
+    later = make_job(bob, waited_s=10)  # waiting while the first one ran
+    Allocation.objects.filter(job=crashed).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    assert services.jobs_recover_lost() == 1
+    crashed.refresh_from_db()
+    assert crashed.queued_at == submitted_at
+    Job.objects.filter(id=crashed.id).update(not_before=None)  # the backoff has passed
+    assert [j.id for j in pending_queue()] == [crashed.id, later.id]
+
+
 def test_the_reaper_requeues_a_job_whose_lease_lapsed_and_fails_it_after_max_attempts(alice, device):
     scheduler(max_retries=1)
     job = processing(make_job(alice))
