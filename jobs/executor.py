@@ -44,7 +44,25 @@ class TimedOut(Exception):
 
 
 def job_run(*, job_id: int, attempt: int) -> str:
-    """Run attempt `attempt` of job `job_id`; returns what happened, for q2's result row."""
+    """Run attempt `attempt` of job `job_id`; returns what happened, for q2's result row.
+
+    A database that goes away (a PostgreSQL restart) is not the job's fault: reconnect and try
+    again for a while instead of spending one of the job's attempts. The fencing checks make the
+    retry safe; a run that had already reached processing finds itself stale and its lease decides.
+    """
+    deadline = time.monotonic() + RECONNECT_WITHIN_S
+    while True:
+        try:
+            return _job_run(job_id=job_id, attempt=attempt)
+        except (OperationalError, InterfaceError):
+            if time.monotonic() > deadline:
+                raise
+            logger.warning("job %s attempt %s: database connection lost; reconnecting", job_id, attempt)
+            connection.close()
+            time.sleep(1)
+
+
+def _job_run(*, job_id: int, attempt: int) -> str:
     job = Job.objects.select_related("device").filter(id=job_id, attempt=attempt, state=Job.State.LOADING).first()
     if job is None:
         logger.info("job %s attempt %s: not loading with this attempt any more, nothing to do", job_id, attempt)
@@ -91,6 +109,8 @@ def _run_claimed(job: Job) -> str:
     except Fenced:
         logger.info("job %s attempt %s: fenced out (cancelled or reaped) while %s; stopped", job.id, job.attempt, run.stage)
         return "fenced"
+    except (OperationalError, InterfaceError):
+        raise  # the database, not the job: job_run reconnects and tries again
     except TimedOut as exc:
         logger.warning("job %s attempt %s: %s", job.id, job.attempt, exc)
         # The sweep's own rule (started_at + task_timeout_s), applied now rather than at its next

@@ -37,6 +37,15 @@ def charlie(db):
     return user
 
 
+def channel_prefix(settings) -> str:
+    """The channel-layer prefix this test process publishes under.
+
+    A subprocess (Daphne, qcluster) must be given it explicitly: Django's settings are loaded
+    before any conftest could set the environment, so the environment alone can disagree.
+    """
+    return settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"]
+
+
 def api_client_for(user) -> APIClient:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {token_get_or_create(user=user).key}")
@@ -221,6 +230,7 @@ def qcluster(transactional_db, settings, tmp_path):
         os.environ,
         DATABASE_URL=_database_url(connection.settings_dict),
         REDIS_URL=settings.REDIS_URL,
+        WHISPERHUB_CHANNEL_PREFIX=channel_prefix(settings),
         MEDIA_ROOT=str(settings.MEDIA_ROOT),
         WHISPERHUB_MODEL_DIR=str(settings.WHISPERHUB_MODEL_DIR),
         WHISPERHUB_NODE_NAME=settings.WHISPERHUB_NODE_NAME,

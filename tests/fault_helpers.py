@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from tests.conftest import QCluster, _database_url
+from tests.conftest import QCluster, _database_url, channel_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +45,7 @@ def cluster_env(settings, **extra) -> dict:
         os.environ,
         DATABASE_URL=_database_url(connection.settings_dict),
         REDIS_URL=settings.REDIS_URL,
+        WHISPERHUB_CHANNEL_PREFIX=channel_prefix(settings),
         MEDIA_ROOT=str(settings.MEDIA_ROOT),
         WHISPERHUB_MODEL_DIR=str(settings.WHISPERHUB_MODEL_DIR),
         WHISPERHUB_NODE_NAME=settings.WHISPERHUB_NODE_NAME,

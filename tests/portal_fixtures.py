@@ -17,7 +17,7 @@ from django.db import connection
 from django.utils import timezone
 
 from gpus.models import Device, Node
-from tests.conftest import _database_url
+from tests.conftest import _database_url, channel_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +57,7 @@ def daphne(transactional_db, settings, tmp_path):
         os.environ,
         DATABASE_URL=_database_url(connection.settings_dict),
         REDIS_URL=settings.REDIS_URL,
+        WHISPERHUB_CHANNEL_PREFIX=channel_prefix(settings),
         MEDIA_ROOT=str(settings.MEDIA_ROOT),
         WHISPERHUB_NODE_OFFLINE_AFTER="3600",
         PYTHONUNBUFFERED="1",
