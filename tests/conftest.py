@@ -217,15 +217,9 @@ class QCluster:
         self.log.close()
 
 
-@pytest.fixture
-def qcluster(transactional_db, settings, tmp_path):
-    """A real django-q2 cluster (2 workers) reading this test's database, media and models.
-
-    Rows must be committed to be seen, hence transactional_db. No GPU agent runs in these
-    tests, so node liveness is pinned (WHISPERHUB_NODE_OFFLINE_AFTER) for both processes.
-    """
-    cluster_workers = 2
-    settings.WHISPERHUB_NODE_OFFLINE_AFTER = 3600.0
+def cluster_env(settings, **extra) -> dict:
+    """The environment of a qcluster subprocess on this test's database, media, models and
+    channel prefix, node liveness pinned (no GPU agent runs), plus `extra`."""
     env = dict(
         os.environ,
         DATABASE_URL=_database_url(connection.settings_dict),
@@ -235,9 +229,23 @@ def qcluster(transactional_db, settings, tmp_path):
         WHISPERHUB_MODEL_DIR=str(settings.WHISPERHUB_MODEL_DIR),
         WHISPERHUB_NODE_NAME=settings.WHISPERHUB_NODE_NAME,
         WHISPERHUB_NODE_OFFLINE_AFTER="3600",
-        WHISPERHUB_WORKERS=str(cluster_workers),
+        WHISPERHUB_WORKERS="2",
         PYTHONUNBUFFERED="1",
     )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def qcluster(transactional_db, settings, tmp_path):
+    """A real django-q2 cluster (2 workers) reading this test's database, media and models.
+
+    Rows must be committed to be seen, hence transactional_db. No GPU agent runs in these
+    tests, so node liveness is pinned (WHISPERHUB_NODE_OFFLINE_AFTER) for both processes.
+    """
+    cluster_workers = 2
+    settings.WHISPERHUB_NODE_OFFLINE_AFTER = 3600.0
+    env = cluster_env(settings, WHISPERHUB_WORKERS=str(cluster_workers))
     cluster = QCluster(env, tmp_path / "qcluster.log", workers=cluster_workers)
     try:
         cluster.wait_ready()

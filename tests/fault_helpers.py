@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from django.db import connection
 
-from tests.conftest import QCluster, _database_url, channel_prefix
+from tests.conftest import QCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,23 +36,6 @@ def wait_until(predicate, *, timeout: float, what: str, every: float = 0.1, on_t
             return value
         time.sleep(every)
     pytest.fail(f"timed out after {timeout} s waiting for {what}\n{log() if log else ''}")
-
-
-def cluster_env(settings, **extra) -> dict:
-    """The environment the `qcluster` fixture gives its cluster, plus `extra`."""
-    return dict(
-        os.environ,
-        DATABASE_URL=_database_url(connection.settings_dict),
-        REDIS_URL=settings.REDIS_URL,
-        WHISPERHUB_CHANNEL_PREFIX=channel_prefix(settings),
-        MEDIA_ROOT=str(settings.MEDIA_ROOT),
-        WHISPERHUB_MODEL_DIR=str(settings.WHISPERHUB_MODEL_DIR),
-        WHISPERHUB_NODE_NAME=settings.WHISPERHUB_NODE_NAME,
-        WHISPERHUB_NODE_OFFLINE_AFTER="3600",
-        WHISPERHUB_WORKERS="2",
-        PYTHONUNBUFFERED="1",
-        **extra,
-    )
 
 
 def cluster_start(env: dict, log_path: Path, workers: int = 2) -> QCluster:

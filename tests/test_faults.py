@@ -41,13 +41,13 @@ from tests.fault_helpers import (
     Background,
     PrivatePostgres,
     PrivateRedis,
-    cluster_env,
     cluster_kill,
     cluster_start,
     figure,
     manage,
     wait_until,
 )
+from tests.conftest import cluster_env
 from tests.portal_fixtures import cluster, cpu_device  # noqa: F401
 from tests.scheduling import make_device, make_job, make_node, scheduler
 from tests.wer import wer
