@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone as dt_timezone
 from pathlib import Path
-from urllib.parse import quote, urlencode
+
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "var" / "bench"
@@ -43,6 +43,8 @@ django.setup()
 from django.conf import settings  # noqa: E402
 from django.db import connection  # noqa: E402
 from django.test.utils import setup_databases, teardown_databases  # noqa: E402
+
+from whisperhub.env import database_url  # noqa: E402
 
 
 @contextmanager
@@ -197,16 +199,6 @@ def upload(path: Path):
 # --- a real qcluster on the benchmark database ---------------------------------------------------
 
 
-def _database_url(settings_dict: dict) -> str:
-    netloc = quote(settings_dict["USER"] or "", safe="")
-    if settings_dict["PASSWORD"]:
-        netloc += ":" + quote(settings_dict["PASSWORD"], safe="")
-    netloc += "@" + (settings_dict["HOST"] or "")
-    if settings_dict["PORT"]:
-        netloc += f":{settings_dict['PORT']}"
-    options = {k: v for k, v in settings_dict.get("OPTIONS", {}).items() if isinstance(v, (str, int))}
-    query = f"?{urlencode(options)}" if options else ""
-    return f"postgresql://{netloc}/{quote(settings_dict['NAME'])}{query}"
 
 
 @contextmanager
@@ -217,7 +209,7 @@ def qcluster(workers: int, log_path: Path, task_starts: Path | None = None):
     """
     env = dict(
         os.environ,
-        DATABASE_URL=_database_url(connection.settings_dict),
+        DATABASE_URL=database_url(connection.settings_dict),
         REDIS_URL=settings.REDIS_URL,
         WHISPERHUB_WORKERS=str(workers),
         PYTHONUNBUFFERED="1",

@@ -105,7 +105,7 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from urllib.parse import quote, urlencode  # noqa: E402
+from whisperhub.env import database_url  # noqa: E402
 
 from django.conf import settings as django_settings  # noqa: E402
 from django.db import connection  # noqa: E402
@@ -152,16 +152,6 @@ def tiny_model(db, tiny_checkpoint, settings):
     return model
 
 
-def _database_url(settings_dict: dict) -> str:
-    netloc = quote(settings_dict["USER"] or "", safe="")
-    if settings_dict["PASSWORD"]:
-        netloc += ":" + quote(settings_dict["PASSWORD"], safe="")
-    netloc += "@" + (settings_dict["HOST"] or "")
-    if settings_dict["PORT"]:
-        netloc += f":{settings_dict['PORT']}"
-    options = {k: v for k, v in settings_dict.get("OPTIONS", {}).items() if isinstance(v, (str, int))}
-    query = f"?{urlencode(options)}" if options else ""
-    return f"postgresql://{netloc}/{quote(settings_dict['NAME'])}{query}"
 
 
 class QCluster:
@@ -222,7 +212,7 @@ def cluster_env(settings, **extra) -> dict:
     channel prefix, node liveness pinned (no GPU agent runs), plus `extra`."""
     env = dict(
         os.environ,
-        DATABASE_URL=_database_url(connection.settings_dict),
+        DATABASE_URL=database_url(connection.settings_dict),
         REDIS_URL=settings.REDIS_URL,
         WHISPERHUB_CHANNEL_PREFIX=channel_prefix(settings),
         MEDIA_ROOT=str(settings.MEDIA_ROOT),

@@ -17,7 +17,8 @@ from django.db import connection
 from django.utils import timezone
 
 from gpus.models import Device, Node
-from tests.conftest import _database_url, channel_prefix
+from tests.conftest import channel_prefix
+from whisperhub.env import database_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +56,7 @@ def daphne(transactional_db, settings, tmp_path):
         port = s.getsockname()[1]
     env = dict(
         os.environ,
-        DATABASE_URL=_database_url(connection.settings_dict),
+        DATABASE_URL=database_url(connection.settings_dict),
         REDIS_URL=settings.REDIS_URL,
         WHISPERHUB_CHANNEL_PREFIX=channel_prefix(settings),
         MEDIA_ROOT=str(settings.MEDIA_ROOT),

@@ -5,7 +5,7 @@ ImproperlyConfigured, which manage.py and scripts/run.py print without a traceba
 """
 
 import os
-from urllib.parse import urlparse
+from urllib.parse import quote, urlencode, urlparse
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -76,3 +76,17 @@ def env_url(name: str, schemes: tuple[str, ...]) -> str:
     if not (parsed.netloc or parsed.path or parsed.query):
         raise ImproperlyConfigured(f"{name}={raw!r} names no server")
     return raw
+
+
+def database_url(settings_dict: dict) -> str:
+    """A DATABASE_URL naming the database of a Django DATABASES entry: the inverse of what
+    settings.py parses, for child processes (test and benchmark databases included)."""
+    netloc = quote(settings_dict["USER"] or "", safe="")
+    if settings_dict["PASSWORD"]:
+        netloc += ":" + quote(settings_dict["PASSWORD"], safe="")
+    netloc += "@" + (settings_dict["HOST"] or "")
+    if settings_dict["PORT"]:
+        netloc += f":{settings_dict['PORT']}"
+    options = {k: v for k, v in settings_dict.get("OPTIONS", {}).items() if isinstance(v, (str, int))}
+    query = f"?{urlencode(options)}" if options else ""
+    return f"postgresql://{netloc}/{quote(settings_dict['NAME'])}{query}"
